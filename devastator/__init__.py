@@ -1,0 +1,1 @@
+"""Devastator: a durable messaging server on pykka actors and gevent."""

@@ -1,0 +1,392 @@
+"""The device actor: one per connection, speaking JSON-RPC for it.
+
+It decodes what the transport read, answers what it can at once (``ping``,
+errors), hands ``msg.send`` to the store actor and ``auth.*`` to the router,
+and writes ``msg.recv`` requests for what its user actor delivers. Its outbound
+side is the connection's bounded queue: a device that does not keep up is
+disconnected, and its messages stay pending in the store.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import orjson
+import pykka
+
+from .. import protocol
+from ..protocol import (
+    Batch,
+    ErrorResponse,
+    Invalid,
+    Notification,
+    Request,
+    Response,
+    decode,
+    encode,
+    encode_batch,
+)
+from ..protocol.errors import (
+    Forbidden,
+    InternalError,
+    InvalidParams,
+    InvalidRequest,
+    MethodNotFound,
+    NotAuthenticated,
+    Overloaded,
+    ParseError,
+    RpcError,
+)
+from .messages import (
+    Acked,
+    Append,
+    Authenticated,
+    AuthFailed,
+    ConnectionLost,
+    Deliver,
+    DeviceOffline,
+    DeviceOnline,
+    Inspect,
+    Received,
+    Replaced,
+    SendResults,
+)
+
+log = logging.getLogger(__name__)
+
+# The protocol sends a backlog in JSON-RPC batches of at most this many requests.
+DELIVERY_CHUNK = 100
+
+
+class Outbound(Protocol):
+    """The transport side a device actor writes to (see transports/)."""
+
+    remote: str
+    peer_identity: tuple[str, str] | None  # (user, device) of a verified client certificate
+
+    def send(self, bodies: Sequence[bytes]) -> None:
+        """Queue JSON values to write, without blocking."""
+
+    def close(self) -> None:
+        """Write what is queued, then close."""
+
+
+class Authority(Protocol):
+    def verify(self, token: str) -> tuple[str, str]:
+        """(user, device) of a valid token; raises Forbidden."""
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    max_batch: int = 100
+    max_pending_requests: int = 1000
+    message_limits: protocol.Limits = field(default_factory=protocol.Limits)
+
+
+class _BatchReply:
+    """Collects the responses of one incoming batch until the last one is known."""
+
+    __slots__ = ("responses", "missing", "sealed", "followups")
+
+    def __init__(self) -> None:
+        self.responses: list = []
+        self.missing = 0
+        self.sealed = False
+        self.followups: list[bytes] = []
+
+    @property
+    def complete(self) -> bool:
+        return self.sealed and self.missing == 0
+
+
+@dataclass(slots=True)
+class _Waiting:
+    request_id: object
+    notification: bool
+    batch: _BatchReply | None
+
+
+class DeviceActor(pykka.ThreadingActor):
+    def __init__(
+        self,
+        *,
+        connection: Outbound,
+        router: pykka.ActorRef,
+        store: pykka.ActorRef,
+        authority: Authority,
+        limits: DeviceLimits,
+        on_event: Callable[[str], None] | None = None,
+    ):
+        super().__init__()
+        self._connection = connection
+        self._router = router
+        self._store = store
+        self._authority = authority
+        self._limits = limits
+        self._keys = itertools.count(1)
+        self._echo_ids = itertools.count(1)
+        self._waiting: dict[int, _Waiting] = {}
+        self._pending_sends = 0
+        self._authenticating = False
+        self._held: deque[Received] = deque()
+        self._out: list[bytes] = []
+        self.user: str | None = None
+        self.device: str | None = None
+        self._user_ref: pykka.ActorRef | None = None
+        self._closed = False
+
+    # -- pykka ------------------------------------------------------------------
+
+    def on_stop(self) -> None:
+        self._connection.close()
+
+    def on_receive(self, message):
+        if isinstance(message, Received):
+            if self._authenticating:
+                self._hold(message)
+            else:
+                self._on_received(message)
+        elif isinstance(message, SendResults):
+            for result in message.results:
+                self._pending_sends -= 1
+                if result.error is not None:
+                    self._resolve(result.request_key, error=result.error)
+                else:
+                    self._resolve(result.request_key, result={"id": result.id, "ts": result.ts})
+        elif isinstance(message, Deliver):
+            self._deliver(message)
+        elif isinstance(message, Authenticated):
+            self._on_authenticated(message)
+        elif isinstance(message, AuthFailed):
+            self._authenticating = False
+            self._resolve(message.request_key, error=message.error)
+            self._release_held()
+        elif isinstance(message, Replaced):
+            log.debug("%s: device %s/%s connected again elsewhere", self._connection.remote, self.user,
+                      self.device)
+            self._close()
+        elif isinstance(message, ConnectionLost):
+            self._on_connection_lost()
+        elif isinstance(message, Inspect):
+            return {"user": self.user, "device": self.device, "remote": self._connection.remote,
+                    "pending_sends": self._pending_sends}
+        self._flush()
+        return None
+
+    # -- reading ------------------------------------------------------------------
+
+    def _hold(self, received: Received) -> None:
+        # A client may pipeline requests behind its auth.*: they wait for its answer.
+        self._held.append(received)
+        if len(self._held) > self._limits.max_pending_requests:
+            self._fail_connection(Overloaded("too many requests while authenticating"))
+
+    def _release_held(self) -> None:
+        while self._held and not self._authenticating and not self._closed:
+            self._on_received(self._held.popleft())
+
+    def _on_received(self, received: Received) -> None:
+        acked: list[str] = []
+        for body in received.bodies:
+            if self._closed:
+                return
+            try:
+                incoming = decode(body, max_batch=self._limits.max_batch)
+            except ParseError as error:
+                self._fail_connection(error)
+                return
+            except RpcError as error:
+                self._out.append(encode(ErrorResponse.from_error(error)))
+                continue
+            if isinstance(incoming, Batch):
+                batch = _BatchReply()
+                for item in incoming.items:
+                    self._handle(item, batch, acked)
+                batch.sealed = True
+                self._write_batch_if_complete(batch)
+            else:
+                self._handle(incoming, None, acked)
+        if acked and self._user_ref is not None:
+            self._user_ref.tell(Acked(self.device, self.actor_ref, tuple(acked)))
+
+    def _handle(self, item, batch: _BatchReply | None, acked: list[str]) -> None:
+        if isinstance(item, Request) or isinstance(item, Notification):
+            request_id = item.id if isinstance(item, Request) else None
+            notification = isinstance(item, Notification)
+            try:
+                self._call(item.method, item.params, request_id, notification, batch)
+            except RpcError as error:
+                if not notification:
+                    self._reply(batch, ErrorResponse.from_error(error, id=request_id))
+            except Exception:
+                log.exception("%s: %s failed", self._connection.remote, item.method)
+                if not notification:
+                    self._reply(batch, ErrorResponse.from_error(InternalError(), id=request_id))
+        elif isinstance(item, Response):
+            # The client's answer to a server request: an ACK of a msg.recv.
+            if item.result == "ACK" and isinstance(item.id, str) and self.user is not None:
+                acked.append(item.id)
+        elif isinstance(item, Invalid):
+            self._reply(batch, ErrorResponse.from_error(item.error, id=item.id))
+        # An ErrorResponse from the client (it could not take a msg.recv) leaves the
+        # delivery in flight: it is sent again after the ACK timeout.
+
+    # -- methods ----------------------------------------------------------------------
+
+    def _call(self, method: str, params, request_id, notification: bool, batch) -> None:
+        if method == "ping":
+            self._reply_result(batch, request_id, notification, "pong")
+            return
+        if method.startswith("auth."):
+            self._authenticate(method, params, request_id, notification, batch)
+            return
+        if self.user is None:
+            if method in _METHODS:
+                raise NotAuthenticated(f"{method} needs an authenticated connection (auth.jwt or auth.cert)")
+            raise MethodNotFound(f"no method {method!r}")
+        if method == "msg.send":
+            self._send(params, request_id, notification, batch)
+        elif method == "msg.echo":
+            echo = protocol.parse_echo(params, self._limits.message_limits)
+            self._reply_result(batch, request_id, notification, "ACK")
+            request = Request("msg.echo", {"message": orjson.Fragment(echo.message_json)},
+                              f"echo-{next(self._echo_ids)}")
+            (batch.followups if batch is not None else self._out).append(encode(request))
+        elif method == "push.register":
+            register = protocol.parse_push_register(params)
+            raise InvalidParams(f"push platform {register.platform!r} is not configured on this server")
+        else:
+            raise MethodNotFound(f"no method {method!r}")
+
+    def _authenticate(self, method, params, request_id, notification, batch) -> None:
+        if method not in ("auth.jwt", "auth.cert", "auth.google"):
+            raise MethodNotFound(f"no method {method!r}")
+        if self.user is not None:
+            raise InvalidRequest("this connection is already authenticated")
+        if method == "auth.jwt":
+            user, device = self._authority.verify(protocol.parse_auth_jwt(params).token)
+        elif method == "auth.cert":
+            if self._connection.peer_identity is None:
+                raise Forbidden("no verified client certificate on this connection")
+            user, device = self._connection.peer_identity
+        else:
+            protocol.parse_auth_google(params)
+            raise Forbidden("Google sign-in is not configured on this server")
+        key = self._wait(request_id, notification, batch)
+        self._authenticating = True
+        self._router.tell(DeviceOnline(user, device, self.actor_ref, key))
+
+    def _on_authenticated(self, authenticated: Authenticated) -> None:
+        self._authenticating = False
+        self.user, self.device = authenticated.user, authenticated.device
+        self._user_ref = authenticated.user_ref
+        self._resolve(
+            authenticated.request_key,
+            result={"user": self.user, "device": self.device, "pending": authenticated.pending},
+        )
+        self._release_held()
+
+    def _send(self, params, request_id, notification, batch) -> None:
+        send = protocol.parse_send(params, self._limits.message_limits)
+        if self._pending_sends >= self._limits.max_pending_requests:
+            raise Overloaded(f"more than {self._limits.max_pending_requests} sends awaiting their answer")
+        self._pending_sends += 1
+        key = self._wait(request_id, notification, batch)
+        self._store.tell(
+            Append(self.user, send.to, send.message_json, send.cid, send.ttl, key, self.actor_ref, self._router)
+        )
+
+    # -- answering -------------------------------------------------------------------
+
+    def _wait(self, request_id, notification: bool, batch: _BatchReply | None) -> int:
+        key = next(self._keys)
+        self._waiting[key] = _Waiting(request_id, notification, batch)
+        if batch is not None and not notification:
+            batch.missing += 1
+        return key
+
+    def _resolve(self, key: int, *, result=None, error: RpcError | None = None) -> None:
+        waiting = self._waiting.pop(key, None)
+        if waiting is None or waiting.notification:
+            return
+        if error is not None:
+            response = ErrorResponse.from_error(error, id=waiting.request_id)
+        else:
+            response = Response(waiting.request_id, result)
+        batch = waiting.batch
+        if batch is None:
+            self._out.append(encode(response))
+            return
+        batch.responses.append(response)
+        batch.missing -= 1
+        self._write_batch_if_complete(batch)
+
+    def _reply_result(self, batch, request_id, notification: bool, result) -> None:
+        if not notification:
+            self._reply(batch, Response(request_id, result))
+
+    def _reply(self, batch: _BatchReply | None, response) -> None:
+        if batch is None:
+            self._out.append(encode(response))
+        else:
+            batch.responses.append(response)
+
+    def _write_batch_if_complete(self, batch: _BatchReply) -> None:
+        if not batch.complete:
+            return
+        if batch.responses:  # a batch of notifications only gets no answer at all
+            self._out.append(encode_batch(batch.responses))
+        self._out.extend(batch.followups)
+
+    # -- delivering ---------------------------------------------------------------------
+
+    def _deliver(self, deliver: Deliver) -> None:
+        requests = [
+            Request(
+                "msg.recv",
+                {
+                    "id": m.id,
+                    "from": m.sender,
+                    "to": m.recipient,
+                    "message": orjson.Fragment(m.message_json),
+                    "ts": m.ts,
+                    "expires": m.expires,
+                },
+                m.id,
+            )
+            for m in deliver.messages
+        ]
+        if deliver.as_batch:
+            for start in range(0, len(requests), DELIVERY_CHUNK):
+                self._out.append(encode_batch(requests[start:start + DELIVERY_CHUNK]))
+        else:
+            self._out.extend(encode(request) for request in requests)
+
+    def _flush(self) -> None:
+        if self._out and not self._closed:
+            out, self._out = self._out, []
+            self._connection.send(out)
+
+    # -- ending -------------------------------------------------------------------------
+
+    def _fail_connection(self, error: RpcError) -> None:
+        """A protocol violation: one error reply, then the connection closes."""
+        self._out.append(encode(ErrorResponse.from_error(error)))
+        self._close()
+
+    def _close(self) -> None:
+        self._flush()
+        self._closed = True
+        self._connection.close()
+
+    def _on_connection_lost(self) -> None:
+        self._closed = True
+        if self.user is not None:
+            self._router.tell(DeviceOffline(self.user, self.device, self.actor_ref))
+        self.stop()
+
+
+_METHODS = frozenset({"msg.send", "msg.echo", "push.register"})

@@ -1,0 +1,191 @@
+"""The messages actors tell each other: small frozen dataclasses, never dicts.
+
+A message that expects an answer names the actor to answer (``reply_to``), so
+that no actor ever blocks on another: the answer is one more message.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pykka import ActorRef
+
+from ..protocol.errors import RpcError
+from ..store import StoredMessage
+
+
+# -- transport -> device ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """JSON values (one per frame) read from the connection, in order."""
+
+    bodies: tuple[bytes | str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLost:
+    reason: str
+
+
+# -- device -> store -> device/router ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """Store a ``msg.send``; answer ``reply_to`` with SendResults, tell ``notify`` Committed."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    message_json: bytes
+    cid: str | None
+    ttl: int
+    request_key: int
+    reply_to: ActorRef
+    notify: ActorRef
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    request_key: int
+    id: str | None = None
+    ts: int | None = None
+    error: RpcError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendResults:
+    results: tuple[SendResult, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """Mailbox entries made durable, in acceptance order."""
+
+    messages: tuple[StoredMessage, ...]
+
+
+# -- device -> router -> user --------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceOnline:
+    user: str
+    device: str
+    device_ref: ActorRef
+    request_key: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceOffline:
+    user: str
+    device: str
+    device_ref: ActorRef
+
+
+# -- user -> store -> user -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AttachDevice:
+    user: str
+    device: str
+    device_ref: ActorRef
+    request_key: int
+    reply_to: ActorRef
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceAttached:
+    device: str
+    device_ref: ActorRef
+    request_key: int
+    pending: int = 0
+    error: RpcError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadPending:
+    user: str
+    device: str
+    after_seq: int
+    limit: int
+    reply_to: ActorRef
+
+
+@dataclass(frozen=True, slots=True)
+class PendingLoaded:
+    device: str
+    after_seq: int
+    messages: tuple[StoredMessage, ...]
+    complete: bool  # fewer than the limit came back: nothing more waits in the store
+    failed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    user: str
+    device: str
+    seqs: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeExpired:
+    pass
+
+
+# -- user -> device -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    """The device is attached; the device actor answers the pending ``auth.*``."""
+
+    user: str
+    device: str
+    user_ref: ActorRef
+    pending: int
+    request_key: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailed:
+    request_key: int
+    error: RpcError
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    messages: tuple[StoredMessage, ...]
+    as_batch: bool  # the backlog goes as JSON-RPC batches, live messages one by one
+
+
+@dataclass(frozen=True, slots=True)
+class Replaced:
+    """Another connection authenticated as the same device; this one closes."""
+
+
+# -- device -> user ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Acked:
+    device: str
+    device_ref: ActorRef
+    ids: tuple[str, ...]
+
+
+# -- clock -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    now: float  # time.monotonic()
+
+
+@dataclass(frozen=True, slots=True)
+class Inspect:
+    """Ask an actor for a plain-data view of its state (console, tests)."""
+
+    detail: Any = None

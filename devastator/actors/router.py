@@ -1,0 +1,94 @@
+"""The router actor: finds or starts the user actor of a user id.
+
+User actors hold no truth of their own (the store does), so the router stops
+those that have had no device online for a while: a million users do not need
+a million live actors. Every device coming and going passes through here,
+which is what lets the router know when a user actor is idle without asking it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+import pykka
+
+from .messages import Committed, DeviceOffline, DeviceOnline, Inspect, PurgeExpired, Tick
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _LiveUser:
+    ref: pykka.ActorRef
+    online: int = 0
+    idle_since: float = 0.0
+
+
+class RouterActor(pykka.ThreadingActor):
+    def __init__(
+        self,
+        *,
+        store: pykka.ActorRef,
+        start_user: Callable[[str], pykka.ActorRef],
+        user_idle_timeout: float,
+        purge_interval: float = 10.0,
+    ):
+        super().__init__()
+        self._store = store
+        self._start_user = start_user
+        self._user_idle_timeout = user_idle_timeout
+        self._purge_interval = purge_interval
+        self._next_purge = 0.0
+        self._users: dict[str, _LiveUser] = {}
+
+    def on_stop(self) -> None:
+        for live in self._users.values():
+            live.ref.stop()
+        self._users.clear()
+
+    def on_receive(self, message):
+        if isinstance(message, Committed):
+            self._route_committed(message)
+        elif isinstance(message, DeviceOnline):
+            live = self._users.get(message.user)
+            if live is None:
+                live = self._users[message.user] = _LiveUser(self._start_user(message.user))
+            live.online += 1
+            live.ref.tell(message)
+        elif isinstance(message, DeviceOffline):
+            live = self._users.get(message.user)
+            if live is not None:
+                live.online -= 1
+                live.idle_since = time.monotonic()
+                live.ref.tell(message)
+        elif isinstance(message, Tick):
+            self._tick(message)
+        elif isinstance(message, Inspect):
+            return {user: {"online": live.online} for user, live in self._users.items()}
+        return None
+
+    def _route_committed(self, committed: Committed) -> None:
+        # Users with no live actor have no device online: the store keeps theirs.
+        by_user: dict[str, list] = defaultdict(list)
+        for stored in committed.messages:
+            if stored.recipient in self._users:
+                by_user[stored.recipient].append(stored)
+        for user, messages in by_user.items():
+            self._users[user].ref.tell(Committed(tuple(messages)))
+
+    def _tick(self, tick: Tick) -> None:
+        if tick.now >= self._next_purge:
+            self._next_purge = tick.now + self._purge_interval
+            self._store.tell(PurgeExpired())
+        idle = []
+        for user, live in self._users.items():
+            if live.online > 0:
+                live.ref.tell(tick)
+            elif tick.now - live.idle_since >= self._user_idle_timeout:
+                idle.append(user)
+        for user in idle:
+            # Messages already in its inbox are handled before it stops.
+            self._users.pop(user).ref.stop(block=False)

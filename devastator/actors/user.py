@@ -1,0 +1,220 @@
+"""The user actor: one user's mailbox while any of its devices is online.
+
+For each device online it keeps the deliveries in flight (sent, not yet ACKed)
+up to a window, and a cursor: the highest ``seq`` handed to that device. What
+lies beyond the cursor is read from the store page by page; a live message is
+sent at once only when the device has caught up with the store, so that every
+device gets its messages in acceptance order. Unacked deliveries are sent again
+after the ACK timeout; expired ones are dropped.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import pykka
+
+from ..store import StoredMessage
+from .messages import (
+    Ack,
+    Acked,
+    AttachDevice,
+    Authenticated,
+    AuthFailed,
+    Committed,
+    Deliver,
+    DeviceAttached,
+    DeviceOffline,
+    DeviceOnline,
+    Inspect,
+    LoadPending,
+    PendingLoaded,
+    Replaced,
+    Tick,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _InFlight:
+    message: StoredMessage
+    sent_at: float
+
+
+@dataclass
+class _DeviceSlot:
+    ref: pykka.ActorRef
+    attached: bool = False
+    cursor: int = 0
+    loading: bool = False
+    caught_up: bool = False  # nothing waits in the store beyond the cursor
+    stale: bool = False  # a message was committed while a page was loading
+    inflight: dict[str, _InFlight] = field(default_factory=dict)
+
+
+class UserActor(pykka.ThreadingActor):
+    def __init__(
+        self,
+        *,
+        user: str,
+        store: pykka.ActorRef,
+        ack_timeout: float,
+        delivery_window: int,
+        clock=time.monotonic,
+        wall_clock_ms=lambda: int(time.time() * 1000),
+    ):
+        super().__init__()
+        self.user = user
+        self._store = store
+        self._ack_timeout = ack_timeout
+        self._window = delivery_window
+        # Refill only once a quarter of the window is free: fewer, fuller pages.
+        self._refill_at = max(1, delivery_window // 4)
+        self._clock = clock
+        self._wall_clock_ms = wall_clock_ms
+        self._devices: dict[str, _DeviceSlot] = {}
+
+    def on_receive(self, message):
+        if isinstance(message, Committed):
+            self._on_committed(message)
+        elif isinstance(message, Acked):
+            self._on_acked(message)
+        elif isinstance(message, PendingLoaded):
+            self._on_loaded(message)
+        elif isinstance(message, DeviceOnline):
+            self._on_online(message)
+        elif isinstance(message, DeviceAttached):
+            self._on_attached(message)
+        elif isinstance(message, DeviceOffline):
+            slot = self._devices.get(message.device)
+            if slot is not None and slot.ref == message.device_ref:
+                del self._devices[message.device]
+        elif isinstance(message, Tick):
+            self._on_tick(message)
+        elif isinstance(message, Inspect):
+            return self._inspect()
+        return None
+
+    # -- devices coming and going ---------------------------------------------
+
+    def _on_online(self, online: DeviceOnline) -> None:
+        previous = self._devices.get(online.device)
+        if previous is not None and previous.ref != online.device_ref:
+            previous.ref.tell(Replaced())
+        self._devices[online.device] = _DeviceSlot(online.device_ref)
+        self._store.tell(
+            AttachDevice(self.user, online.device, online.device_ref, online.request_key, self.actor_ref)
+        )
+
+    def _on_attached(self, attached: DeviceAttached) -> None:
+        slot = self._devices.get(attached.device)
+        if slot is None or slot.ref != attached.device_ref:
+            return  # that connection is gone or was replaced meanwhile
+        if attached.error is not None:
+            del self._devices[attached.device]
+            slot.ref.tell(AuthFailed(attached.request_key, attached.error))
+            return
+        slot.attached = True
+        slot.ref.tell(
+            Authenticated(self.user, attached.device, self.actor_ref, attached.pending, attached.request_key)
+        )
+        self._load(attached.device, slot)
+
+    # -- the backlog in the store ------------------------------------------------
+
+    def _load(self, device: str, slot: _DeviceSlot) -> None:
+        room = self._window - len(slot.inflight)
+        if slot.loading or room <= 0:
+            return
+        slot.loading = True
+        slot.stale = False
+        self._store.tell(LoadPending(self.user, device, slot.cursor, room, self.actor_ref))
+
+    def _on_loaded(self, loaded: PendingLoaded) -> None:
+        slot = self._devices.get(loaded.device)
+        if slot is None or not slot.loading:
+            return
+        slot.loading = False
+        if loaded.failed:
+            return  # the next tick tries again
+        fresh = [m for m in loaded.messages if m.seq > slot.cursor]
+        if fresh:
+            self._send(slot, fresh, as_batch=True)
+        slot.caught_up = loaded.complete and not slot.stale
+        if not slot.caught_up and self._window - len(slot.inflight) >= self._refill_at:
+            self._load(loaded.device, slot)
+
+    # -- live traffic ------------------------------------------------------------
+
+    def _on_committed(self, committed: Committed) -> None:
+        for device, slot in self._devices.items():
+            if not slot.attached:
+                continue  # its attachment's first page will hold these
+            if slot.loading:
+                slot.stale = True
+                continue
+            if not slot.caught_up:
+                continue  # they wait in the store behind the cursor
+            fresh = [m for m in committed.messages if m.seq > slot.cursor]
+            room = self._window - len(slot.inflight)
+            if len(fresh) > room:
+                fresh = fresh[:room]
+                slot.caught_up = False
+            if fresh:
+                self._send(slot, fresh, as_batch=False)
+
+    def _on_acked(self, acked: Acked) -> None:
+        slot = self._devices.get(acked.device)
+        if slot is None:
+            return
+        inflight = slot.inflight
+        seqs = tuple(inflight.pop(message_id).message.seq for message_id in acked.ids if message_id in inflight)
+        if not seqs:
+            return
+        self._store.tell(Ack(self.user, acked.device, seqs))
+        if not slot.caught_up and self._window - len(inflight) >= self._refill_at:
+            self._load(acked.device, slot)
+
+    def _send(self, slot: _DeviceSlot, messages: list[StoredMessage], *, as_batch: bool) -> None:
+        now = self._clock()
+        for message in messages:
+            slot.inflight[message.id] = _InFlight(message, now)
+        slot.cursor = messages[-1].seq
+        slot.ref.tell(Deliver(tuple(messages), as_batch=as_batch))
+
+    # -- timers ---------------------------------------------------------------------
+
+    def _on_tick(self, tick: Tick) -> None:
+        deadline = tick.now - self._ack_timeout
+        now_ms = self._wall_clock_ms()
+        for device, slot in self._devices.items():
+            if not slot.attached:
+                continue
+            expired = [mid for mid, flight in slot.inflight.items() if flight.message.expires <= now_ms]
+            for message_id in expired:
+                del slot.inflight[message_id]  # the store's purge retires it
+            overdue = [flight for flight in slot.inflight.values() if flight.sent_at <= deadline]
+            if overdue:
+                for flight in overdue:
+                    flight.sent_at = tick.now
+                slot.ref.tell(Deliver(tuple(flight.message for flight in overdue), as_batch=False))
+            if not slot.caught_up and not slot.loading:
+                self._load(device, slot)
+
+    def _inspect(self) -> dict:
+        now = self._clock()
+        return {
+            "user": self.user,
+            "devices": {
+                device: {
+                    "attached": slot.attached,
+                    "in_flight": len(slot.inflight),
+                    "oldest_in_flight_age": max((now - f.sent_at for f in slot.inflight.values()), default=0.0),
+                    "cursor": slot.cursor,
+                    "caught_up": slot.caught_up,
+                }
+                for device, slot in self._devices.items()
+            },
+        }

@@ -1,0 +1,323 @@
+"""A Python client for Devastator, over TLS (framed) or WebSocket.
+
+Blocking calls for scripts and tests; a reader thread (a greenlet when gevent
+has patched the process) answers ``msg.recv`` with ACKs, drops duplicates by
+message id, and hands messages to ``receive()``::
+
+    client = Client.connect_tls("127.0.0.1", 3001, ca="devastator-data/ca.pem")
+    client.auth_jwt(token)
+    client.send("bob", {"text": "hello"})
+    message = client.receive(timeout=5)
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import queue
+import socket
+import ssl
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import orjson
+
+from .protocol import (
+    Batch,
+    ErrorResponse,
+    FrameDecoder,
+    Invalid,
+    Notification,
+    Request,
+    Response,
+    decode,
+    encode,
+    encode_batch,
+    encode_frames,
+)
+from .protocol.errors import RpcError
+
+SEEN_IDS_KEPT = 100_000
+
+
+class ConnectionClosed(ConnectionError):
+    """The server closed the connection (or it failed)."""
+
+
+class _TlsStream:
+    def __init__(self, sock: ssl.SSLSocket, max_frame_bytes: int):
+        self._sock = sock
+        self._decoder = FrameDecoder(max_frame_bytes)
+        self._write_lock = threading.Lock()
+
+    def write(self, bodies: list[bytes]) -> None:
+        with self._write_lock:
+            self._sock.sendall(encode_frames(bodies))
+
+    def write_raw(self, data: bytes) -> None:
+        with self._write_lock:
+            self._sock.sendall(data)
+
+    def bodies(self) -> Iterator[bytes]:
+        while True:
+            data = self._sock.recv(65536)
+            if not data:
+                return
+            yield from self._decoder.feed(data)
+
+    def close(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+
+class _WebSocketStream:
+    def __init__(self, ws):
+        self._ws = ws
+        self._write_lock = threading.Lock()
+
+    def write(self, bodies: list[bytes]) -> None:
+        with self._write_lock:
+            for body in bodies:
+                self._ws.send(body.decode())
+
+    def bodies(self) -> Iterator[str]:
+        import websocket
+
+        while True:
+            try:
+                opcode, data = self._ws.recv_data()
+            except (websocket.WebSocketConnectionClosedException, OSError):
+                return
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                return
+            if opcode == websocket.ABNF.OPCODE_TEXT:
+                yield data.decode()
+
+    def close(self) -> None:
+        self._ws.close()
+
+
+class Pending:
+    """The answer to a request, when it comes."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._result: Any = None
+        self._error: BaseException | None = None
+
+    def _set(self, result=None, error: BaseException | None = None) -> None:
+        self._result, self._error = result, error
+        self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None):
+        if not self._done.wait(timeout):
+            raise TimeoutError("no answer in time")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+class Client:
+    def __init__(self, connect: Callable[[], Any], *, auto_ack: bool = True, timeout: float = 10.0):
+        self._connect = connect
+        self.auto_ack = auto_ack
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._pending: dict[Any, Pending] = {}
+        self.messages: queue.Queue = queue.Queue()  # msg.recv params, oldest first
+        self.echoes: queue.Queue = queue.Queue()
+        self.closed = threading.Event()
+        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._credentials: tuple[str, dict | None] | None = None
+        self._stream = None
+        self._open()
+
+    # -- connecting ------------------------------------------------------------------
+
+    @classmethod
+    def connect_tls(
+        cls,
+        host: str,
+        port: int,
+        *,
+        ca: str | Path | None = None,
+        cert: str | Path | None = None,
+        key: str | Path | None = None,
+        verify: bool = True,
+        max_frame_bytes: int = 1 << 20,
+        **kwargs,
+    ) -> Client:
+        context = ssl.create_default_context(cafile=str(ca) if ca else None)
+        if not verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if cert:
+            context.load_cert_chain(str(cert), str(key) if key else None)
+
+        def connect():
+            raw = socket.create_connection((host, port), timeout=kwargs.get("timeout", 10.0))
+            sock = context.wrap_socket(raw, server_hostname=host)
+            sock.settimeout(None)
+            return _TlsStream(sock, max_frame_bytes)
+
+        return cls(connect, **kwargs)
+
+    @classmethod
+    def connect_ws(cls, url: str, **kwargs) -> Client:
+        import websocket
+
+        def connect():
+            ws = websocket.create_connection(url, timeout=kwargs.get("timeout", 10.0))
+            ws.settimeout(None)
+            return _WebSocketStream(ws)
+
+        return cls(connect, **kwargs)
+
+    def _open(self) -> None:
+        self._stream = self._connect()
+        self.closed.clear()
+        self._reader = threading.Thread(target=self._read, args=(self._stream,), daemon=True)
+        self._reader.start()
+
+    def reconnect(self) -> dict | None:
+        """Connect again and authenticate as before; returns the auth result."""
+        self.close()
+        self._open()
+        if self._credentials is None:
+            return None
+        method, params = self._credentials
+        return self.call(method, params)
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+        self.closed.wait(self.timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- calling ----------------------------------------------------------------------
+
+    def request(self, method: str, params=None) -> Pending:
+        request_id = next(self._ids)
+        pending = Pending()
+        with self._lock:
+            self._pending[request_id] = pending
+        self._write([encode(Request(method, params, request_id))])
+        return pending
+
+    def call(self, method: str, params=None, timeout: float | None = None):
+        return self.request(method, params).wait(self.timeout if timeout is None else timeout)
+
+    def notify(self, method: str, params=None) -> None:
+        self._write([encode(Notification(method, params))])
+
+    def ping(self) -> str:
+        return self.call("ping")
+
+    def auth_jwt(self, token: str) -> dict:
+        result = self.call("auth.jwt", {"token": token})
+        self._credentials = ("auth.jwt", {"token": token})
+        return result
+
+    def auth_cert(self) -> dict:
+        result = self.call("auth.cert")
+        self._credentials = ("auth.cert", None)
+        return result
+
+    def send_async(self, to, message, *, cid: str | None = None, ttl: int | None = None) -> Pending:
+        params: dict[str, Any] = {"to": to, "message": message}
+        if cid is not None:
+            params["cid"] = cid
+        if ttl is not None:
+            params["ttl"] = ttl
+        return self.request("msg.send", params)
+
+    def send(self, to, message, *, cid: str | None = None, ttl: int | None = None,
+             timeout: float | None = None) -> dict:
+        return self.send_async(to, message, cid=cid, ttl=ttl).wait(self.timeout if timeout is None else timeout)
+
+    def receive(self, timeout: float | None = None) -> dict:
+        """The next message (``msg.recv`` params); raises TimeoutError."""
+        try:
+            return self.messages.get(timeout=self.timeout if timeout is None else timeout)
+        except queue.Empty:
+            raise TimeoutError("no message in time") from None
+
+    def ack(self, ids) -> None:
+        self._write([encode_batch([Response(message_id, "ACK") for message_id in ids])])
+
+    def _write(self, bodies: list[bytes]) -> None:
+        try:
+            self._stream.write(bodies)
+        except OSError as error:
+            raise ConnectionClosed(str(error)) from error
+
+    # -- reading ------------------------------------------------------------------------
+
+    def _read(self, stream) -> None:
+        try:
+            for body in stream.bodies():
+                self._on_body(body)
+        except (OSError, RpcError):
+            pass
+        finally:
+            with self._lock:
+                pending, self._pending = self._pending, {}
+            for waiting in pending.values():
+                waiting._set(error=ConnectionClosed("connection closed before the answer"))
+            self.closed.set()
+
+    def _on_body(self, body) -> None:
+        incoming = decode(body, max_batch=1 << 20)
+        if isinstance(incoming, Batch):
+            acks = [ack for ack in map(self._on_item, incoming.items) if ack is not None]
+            if acks:
+                self._write([encode_batch(acks)])
+        else:
+            ack = self._on_item(incoming)
+            if ack is not None:
+                self._write([encode(ack)])
+
+    def _on_item(self, item):
+        if isinstance(item, (Response, ErrorResponse)):
+            with self._lock:
+                pending = self._pending.pop(item.id, None)
+            if pending is not None:
+                if isinstance(item, Response):
+                    pending._set(item.result)
+                else:
+                    pending._set(error=item.to_exception())
+            return None
+        if isinstance(item, Request) and item.method == "msg.recv":
+            message_id = item.id
+            if message_id not in self._seen:
+                self._seen[message_id] = None
+                if len(self._seen) > SEEN_IDS_KEPT:
+                    self._seen.popitem(last=False)
+                self.messages.put(item.params)
+            return Response(message_id, "ACK") if self.auto_ack else None
+        if isinstance(item, Request) and item.method == "msg.echo":
+            self.echoes.put(item.params)
+            return Response(item.id, "ACK")
+        if isinstance(item, (Request,)):
+            return ErrorResponse(item.id, -32601, "Method not found")
+        if isinstance(item, Invalid):
+            return None
+        return None
+
+
+def frame(value) -> bytes:
+    """One JSON value as a TLS frame (for tests and tools writing raw frames)."""
+    return encode_frames([orjson.dumps(value)])

@@ -1,0 +1,338 @@
+"""The server's configuration: one typed, validated ``Settings`` object.
+
+``load_settings`` builds it once at start from four layers, each overriding the
+one before: the defaults below, an optional TOML file, ``DEVASTATOR_*``
+environment variables and command-line overrides. Every value is checked in
+one place, and a ``SettingsError`` always names the setting and where its value
+came from. Tests skip the layers and use ``Settings().replace(...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import tomllib
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_PREFIX = "DEVASTATOR_"
+CONFIG_FILE_ENV = "DEVASTATOR_CONFIG"
+
+SQLITE_SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value, or names no setting at all.
+
+    ``setting`` is the setting's name and ``origin`` where the value came from
+    (``"from DEVASTATOR_TLS_PORT"``), so that the launcher can print the
+    message as is and exit.
+    """
+
+    def __init__(self, setting: str, problem: str, *, origin: str | None = None) -> None:
+        self.setting = setting
+        self.problem = problem
+        self.origin = origin
+        message = f"setting {setting!r}: {problem}"
+        if origin:
+            message += f" ({origin})"
+        super().__init__(message)
+
+    def located(self, origin: str) -> SettingsError:
+        """The same error, saying where the offending value came from."""
+        return SettingsError(self.setting, self.problem, origin=origin)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server can be configured with.
+
+    Durations are in seconds, sizes in bytes. Construction validates every
+    field, so a ``Settings`` that exists is a valid one.
+    """
+
+    data_dir: Path = Path("./devastator-data")
+    host: str = "127.0.0.1"
+    tls_port: int = 3001  # 0: an ephemeral port (tests)
+    http_port: int = 3000  # 0: an ephemeral port (tests)
+    ws_tls: bool = False  # serve wss:// with the server certificate
+    max_connections: int = 10000
+    max_frame_bytes: int = 1048576
+    max_batch: int = 100
+    max_message_bytes: int = 65536
+    max_recipients: int = 100
+    max_cid_length: int = 128
+    default_ttl: int = 2419200  # seconds (4 weeks)
+    max_ttl: int = 2419200  # seconds
+    read_timeout: float = 300.0  # seconds before an idle connection is closed
+    ack_timeout: float = 30.0  # seconds before an unacked delivery is sent again
+    delivery_window: int = 1000  # unacked deliveries in flight per device
+    max_pending_requests: int = 1000  # unanswered requests per connection before -32003
+    max_outbound_bytes: int = 8388608  # unsent output that gets a connection dropped
+    user_idle_timeout: float = 60.0  # seconds before an idle user actor is stopped
+    tick_interval: float = 1.0  # seconds between timer ticks
+    sqlite_synchronous: str = "FULL"  # one of SQLITE_SYNCHRONOUS_MODES
+    token_ttl: int = 2592000  # seconds a minted JWT lives by default (30 days)
+    cert_days: int = 365  # days an issued client certificate lives
+    log_level: str = "INFO"  # one of LOG_LEVELS
+    log_json: bool = False
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            rule = _RULES[field.name]
+            value = getattr(self, field.name)
+            if not rule.accepts(value):
+                raise SettingsError(field.name, f"expected {rule.expected}, got {value!r}")
+            # Normalising here (str -> Path, int -> float, "full" -> "FULL")
+            # lets every layer hand over values in their most natural form.
+            object.__setattr__(self, field.name, rule.normalize(value))
+        if self.default_ttl > self.max_ttl:
+            raise SettingsError(
+                "default_ttl",
+                f"expected at most max_ttl ({self.max_ttl}), got {self.default_ttl!r}",
+            )
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite database file."""
+        return self.data_dir / "devastator.db"
+
+    @property
+    def pki_dir(self) -> Path:
+        """Where the CA, server certificate and their keys live."""
+        return self.data_dir
+
+    def replace(self, **changes: object) -> Settings:
+        """A validated copy with ``changes`` applied."""
+        for name in changes:
+            if name not in _RULES:
+                raise _unknown_setting(name, origin="passed to Settings.replace()")
+        try:
+            return dataclasses.replace(self, **changes)
+        except SettingsError as error:
+            raise error.located("passed to Settings.replace()") from None
+
+
+def load_settings(
+    *,
+    config_file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Settings:
+    """Build the settings from defaults < TOML file < environment < overrides.
+
+    ``env`` defaults to ``os.environ``; ``config_file`` defaults to the file
+    named by ``DEVASTATOR_CONFIG``, if any. ``overrides`` are command-line
+    flags keyed by setting name; ``None`` means "flag not given". Raises
+    ``SettingsError``.
+    """
+    if env is None:
+        env = os.environ
+    values: dict[str, object] = {}
+    origins: dict[str, str] = {}
+
+    if config_file is not None:
+        file_origin = "from the config_file argument"
+    else:
+        config_file = env.get(CONFIG_FILE_ENV) or None
+        file_origin = f"from {CONFIG_FILE_ENV}"
+    if config_file is not None:
+        path = Path(config_file)
+        for name, value in _read_config_file(path, file_origin).items():
+            values[name] = value
+            origins[name] = f"from config file {path}"
+
+    for name in _RULES:
+        variable = ENV_PREFIX + name.upper()
+        text = env.get(variable)
+        # An empty variable counts as unset, as shells make it easy to blank
+        # a variable but awkward to unset it in some contexts (docker, CI).
+        if text is None or not text.strip():
+            continue
+        origin = f"from {variable}"
+        values[name] = _parse_text(name, text, origin)
+        origins[name] = origin
+
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        origin = "from the command line"
+        if name not in _RULES:
+            raise _unknown_setting(name, origin=origin)
+        # argparse without type= hands over strings: read them as env text.
+        if isinstance(value, str):
+            value = _parse_text(name, value, origin)
+        values[name] = value
+        origins[name] = origin
+
+    try:
+        return Settings(**values)  # type: ignore[arg-type]
+    except SettingsError as error:
+        raise error.located(origins.get(error.setting, "the default")) from None
+
+
+def _read_config_file(path: Path, origin: str) -> dict[str, object]:
+    try:
+        with path.open("rb") as file:
+            table = tomllib.load(file)
+    except FileNotFoundError:
+        raise SettingsError("config", f"config file {str(path)!r} does not exist", origin=origin) from None
+    except OSError as error:
+        raise SettingsError(
+            "config", f"cannot read config file {str(path)!r}: {error.strerror}", origin=origin
+        ) from None
+    except tomllib.TOMLDecodeError as error:
+        raise SettingsError(
+            "config", f"config file {str(path)!r} is not valid TOML: {error}", origin=origin
+        ) from None
+    for name in table:
+        if name not in _RULES:
+            raise _unknown_setting(name, origin=f"in config file {path}")
+    return table
+
+
+def _parse_text(name: str, text: str, origin: str) -> object:
+    rule = _RULES[name]
+    try:
+        return rule.parse(text.strip())
+    except ValueError:
+        raise SettingsError(name, f"expected {rule.expected}, got {text!r}", origin=origin) from None
+
+
+def _unknown_setting(name: str, *, origin: str) -> SettingsError:
+    problem = "no such setting"
+    close = difflib.get_close_matches(name, list(_RULES), n=1)
+    if close:
+        problem += f" (did you mean {close[0]!r}?)"
+    return SettingsError(name, problem, origin=origin)
+
+
+# --- How each setting is read from text, checked and normalised. -------------
+
+
+@dataclass(frozen=True)
+class _Rule:
+    expected: str  # completes "expected ..." in error messages
+    parse: Callable[[str], object]  # text from the environment or a flag
+    accepts: Callable[[object], bool]
+    normalize: Callable[[object], object] = lambda value: value
+
+
+def _is_integer(value: object) -> bool:
+    # bool is an int subclass; `tls_port = true` is a mistake, not port 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _port_rule() -> _Rule:
+    return _Rule(
+        expected="an integer from 0 to 65535",
+        parse=int,
+        accepts=lambda value: _is_integer(value) and 0 <= value <= 65535,  # type: ignore[operator]
+    )
+
+
+def _positive_integer_rule() -> _Rule:
+    return _Rule(
+        expected="a positive integer",
+        parse=int,
+        accepts=lambda value: _is_integer(value) and value > 0,  # type: ignore[operator]
+    )
+
+
+def _positive_seconds_rule() -> _Rule:
+    return _Rule(
+        expected="a positive number of seconds",
+        parse=float,
+        accepts=lambda value: (
+            (_is_integer(value) or isinstance(value, float))
+            and math.isfinite(value)  # type: ignore[arg-type]
+            and value > 0  # type: ignore[operator]
+        ),
+        normalize=float,  # type: ignore[arg-type]
+    )
+
+
+_BOOLEAN_WORDS = types.MappingProxyType(
+    {
+        "1": True, "true": True, "yes": True, "on": True,
+        "0": False, "false": False, "no": False, "off": False,
+    }
+)
+
+
+def _parse_boolean(text: str) -> bool:
+    try:
+        return _BOOLEAN_WORDS[text.lower()]
+    except KeyError:
+        raise ValueError(text) from None
+
+
+def _boolean_rule() -> _Rule:
+    return _Rule(
+        expected="a boolean (true/false, yes/no, on/off, 1/0)",
+        parse=_parse_boolean,
+        accepts=lambda value: isinstance(value, bool),
+    )
+
+
+def _choice_rule(choices: tuple[str, ...]) -> _Rule:
+    return _Rule(
+        expected="one of " + ", ".join(choices),
+        parse=str,
+        accepts=lambda value: isinstance(value, str) and value.upper() in choices,
+        normalize=lambda value: value.upper(),  # type: ignore[attr-defined]
+    )
+
+
+def _host_rule() -> _Rule:
+    return _Rule(
+        expected="a host name or IP address",
+        parse=str,
+        accepts=lambda value: isinstance(value, str) and bool(value.strip()),
+        normalize=lambda value: value.strip(),  # type: ignore[attr-defined]
+    )
+
+
+def _directory_rule() -> _Rule:
+    return _Rule(
+        expected="a directory path",
+        parse=Path,
+        accepts=lambda value: isinstance(value, (str, os.PathLike)) and bool(os.fspath(value)),
+        normalize=lambda value: Path(value).expanduser(),  # type: ignore[arg-type]
+    )
+
+
+_RULES: Mapping[str, _Rule] = types.MappingProxyType(
+    {
+        "data_dir": _directory_rule(),
+        "host": _host_rule(),
+        "tls_port": _port_rule(),
+        "http_port": _port_rule(),
+        "ws_tls": _boolean_rule(),
+        "max_connections": _positive_integer_rule(),
+        "max_frame_bytes": _positive_integer_rule(),
+        "max_batch": _positive_integer_rule(),
+        "max_message_bytes": _positive_integer_rule(),
+        "max_recipients": _positive_integer_rule(),
+        "max_cid_length": _positive_integer_rule(),
+        "default_ttl": _positive_integer_rule(),
+        "max_ttl": _positive_integer_rule(),
+        "read_timeout": _positive_seconds_rule(),
+        "ack_timeout": _positive_seconds_rule(),
+        "delivery_window": _positive_integer_rule(),
+        "max_pending_requests": _positive_integer_rule(),
+        "max_outbound_bytes": _positive_integer_rule(),
+        "user_idle_timeout": _positive_seconds_rule(),
+        "tick_interval": _positive_seconds_rule(),
+        "sqlite_synchronous": _choice_rule(SQLITE_SYNCHRONOUS_MODES),
+        "token_ttl": _positive_integer_rule(),
+        "cert_days": _positive_integer_rule(),
+        "log_level": _choice_rule(LOG_LEVELS),
+        "log_json": _boolean_rule(),
+    }
+)

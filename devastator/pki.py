@@ -1,0 +1,401 @@
+"""The server's own certificate authority and the TLS contexts built on it.
+
+On first start ``ensure_pki`` creates, in the data directory, a CA that signs
+both the server's certificate for the TLS endpoint and the client certificates
+that devices receive at registration (``issue_client_certificate``). A device's
+certificate names its user and device in a SAN URI,
+``devastator:user/<user>/device/<device>``, which ``client_identity`` reads
+back from a peer certificate that the TLS handshake has already verified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import ipaddress
+import os
+import re
+import secrets
+import ssl
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_VALIDITY = datetime.timedelta(days=3650)
+SERVER_VALIDITY = datetime.timedelta(days=5 * 365)
+# Backdating covers clocks of devices that run a little behind the server's.
+CLOCK_SKEW = datetime.timedelta(minutes=5)
+
+IDENTITY_URI_PREFIX = "devastator:user/"
+# The protocol's user id rule (PROTOCOL.md section 4).
+_USER_ID = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+# X.509's upper bound for a common name, which holds the device id.
+_MAX_DEVICE_LENGTH = 64
+_MIN_RSA_BITS = 2048
+
+PRIVATE_FILE_MODE = 0o600
+PUBLIC_FILE_MODE = 0o644
+PRIVATE_DIR_MODE = 0o700
+
+
+class PkiError(RuntimeError):
+    """The PKI files in the data directory are in a state we must not repair."""
+
+
+@dataclass(frozen=True)
+class PkiPaths:
+    """Where the CA and the server's certificate and keys are stored."""
+
+    ca_cert: Path
+    ca_key: Path
+    server_cert: Path
+    server_key: Path
+
+    @classmethod
+    def in_dir(cls, data_dir: Path) -> PkiPaths:
+        data_dir = Path(data_dir)
+        return cls(
+            ca_cert=data_dir / "ca.pem",
+            ca_key=data_dir / "ca.key",
+            server_cert=data_dir / "server.pem",
+            server_key=data_dir / "server.key",
+        )
+
+
+def ensure_pki(
+    data_dir: Path, hostnames: Sequence[str] = ("localhost", "127.0.0.1", "::1")
+) -> PkiPaths:
+    """Create whatever of the CA and server certificate and keys is missing.
+
+    Existing keys are never replaced. A certificate is (re)issued only when it
+    is missing or when its key or its issuer has just been created, because it
+    would be useless otherwise. A CA certificate whose key is lost cannot be
+    repaired without invalidating every device certificate, so that raises
+    ``PkiError`` and leaves the decision to an operator.
+    """
+    if not hostnames:
+        raise ValueError("the server certificate needs at least one hostname")
+    data_dir = Path(data_dir)
+    ensure_private_dir(data_dir)
+    paths = PkiPaths.in_dir(data_dir)
+
+    if paths.ca_cert.exists() and not paths.ca_key.exists():
+        raise PkiError(
+            f"{paths.ca_cert} exists but its key {paths.ca_key} is missing: restore the key, "
+            "or remove the certificate to create a new CA (devices must then re-register)"
+        )
+    ca_key, ca_key_created = _load_or_create_key(paths.ca_key)
+    if ca_key_created or not paths.ca_cert.exists():
+        ca_cert = _build_ca_certificate(ca_key)
+        write_file_atomically(paths.ca_cert, _cert_pem(ca_cert), mode=PUBLIC_FILE_MODE)
+        ca_created = True
+    else:
+        ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+        ca_created = False
+
+    server_key, server_key_created = _load_or_create_key(paths.server_key)
+    if ca_created or server_key_created or not paths.server_cert.exists():
+        server_cert = _build_server_certificate(server_key, ca_cert, ca_key, hostnames)
+        write_file_atomically(paths.server_cert, _cert_pem(server_cert), mode=PUBLIC_FILE_MODE)
+    return paths
+
+
+def issue_client_certificate(
+    paths: PkiPaths, csr_pem: bytes, *, user: str, device: str, days: int
+) -> bytes:
+    """Sign a device's certificate signing request; return the PEM certificate.
+
+    Only the CSR's public key is used: the subject and extensions are ours, so
+    a device cannot ask for another identity or for CA powers. Raises
+    ``ValueError`` for a malformed CSR, a bad signature, a weak key or a bad
+    user or device id.
+    """
+    if not _USER_ID.fullmatch(user):
+        raise ValueError(f"invalid user id {user!r}")
+    if not device or len(device) > _MAX_DEVICE_LENGTH or not device.isprintable():
+        raise ValueError(f"invalid device id {device!r}: expected 1 to {_MAX_DEVICE_LENGTH} printable characters")
+    if days <= 0:
+        raise ValueError(f"certificate lifetime must be positive, got {days} days")
+
+    csr = x509.load_pem_x509_csr(csr_pem)  # ValueError when malformed
+    try:
+        signature_valid = csr.is_signature_valid
+    except UnsupportedAlgorithm as error:
+        raise ValueError(f"unsupported CSR signature algorithm: {error}") from None
+    if not signature_valid:
+        raise ValueError("the CSR's signature does not match its public key")
+    public_key = csr.public_key()
+    _check_client_key(public_key)
+
+    ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+    now = _now()
+    # A certificate outliving its issuer would fail verification anyway.
+    not_after = min(now + datetime.timedelta(days=days), ca_cert.not_valid_after_utc)
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.USER_ID, user),
+            x509.NameAttribute(NameOID.COMMON_NAME, device),
+        ]
+    )
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(digital_signature=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity_uri(user, device))]),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(_authority_key_identifier(ca_cert), critical=False)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return _cert_pem(certificate)
+
+
+def identity_uri(user: str, device: str) -> str:
+    """The SAN URI that names a device in its certificate."""
+    # Percent-encoding keeps the URI ASCII (IA5String) and unambiguous even
+    # when a device id holds '/' or non-ASCII characters.
+    return f"{IDENTITY_URI_PREFIX}{quote(user, safe='@')}/device/{quote(device, safe='@')}"
+
+
+def client_identity(cert_der_or_dict: bytes | Mapping[str, object] | None) -> tuple[str, str] | None:
+    """The (user, device) named by a peer certificate, or None.
+
+    Takes what ``SSLSocket.getpeercert(binary_form=True)`` returns (DER bytes,
+    or None without a client certificate); the dict form of ``getpeercert()``
+    works too. The certificate is trusted as given: only call this on a
+    certificate that the TLS handshake verified against our CA.
+    """
+    if not cert_der_or_dict:
+        return None
+    if isinstance(cert_der_or_dict, Mapping):
+        names = cert_der_or_dict.get("subjectAltName") or ()
+        uris = [value for kind, value in names if kind == "URI"]  # type: ignore[union-attr]
+    else:
+        try:
+            certificate = x509.load_der_x509_certificate(bytes(cert_der_or_dict))
+            names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except (ValueError, x509.ExtensionNotFound):
+            return None
+        uris = names.get_values_for_type(x509.UniformResourceIdentifier)
+    for uri in uris:
+        identity = _parse_identity_uri(uri)
+        if identity is not None:
+            return identity
+    return None
+
+
+def server_ssl_context(
+    paths: PkiPaths, *, min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
+) -> ssl.SSLContext:
+    """The TLS endpoint's context: asks for, but does not require, a client certificate.
+
+    A client certificate that does not chain to our CA fails the handshake.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = min_version
+    context.load_cert_chain(certfile=paths.server_cert, keyfile=paths.server_key)
+    context.load_verify_locations(cafile=paths.ca_cert)
+    context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+def client_ssl_context(
+    ca_cert: Path | None,
+    *,
+    cert: Path | None = None,
+    key: Path | None = None,
+    verify: bool = True,
+) -> ssl.SSLContext:
+    """A client's context that trusts ``ca_cert`` (the system's CAs when None).
+
+    ``cert``/``key`` present a client certificate. ``verify=False`` skips
+    every check of the server: for tests and local debugging only.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif ca_cert is not None:
+        context.load_verify_locations(cafile=ca_cert)
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if cert is not None:
+        context.load_cert_chain(certfile=cert, keyfile=key)
+    return context
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create ``path`` readable by its owner only, unless it already exists."""
+    if path.is_dir():
+        return  # an operator's choice of permissions stands
+    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    os.chmod(path, PRIVATE_DIR_MODE)  # mkdir's mode is subject to the umask
+
+
+def write_file_atomically(path: Path, data: bytes, *, mode: int) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or new file, never a part.
+
+    The data reaches the disk before the rename, and the rename before we
+    return, so a crash cannot leave a truncated key behind.
+    """
+    path = Path(path)
+    descriptor, temporary_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with open(descriptor, "wb") as file:
+            os.fchmod(file.fileno(), mode)
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary_name)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _load_or_create_key(path: Path) -> tuple[ec.EllipticCurvePrivateKey, bool]:
+    """The key stored at ``path``, and whether it was just created."""
+    if path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise PkiError(f"{path} holds a {type(key).__name__}, expected an EC key")
+        return key, False
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.PKCS8,
+        encryption_algorithm=serialization.NoEncryption(),
+    )
+    write_file_atomically(path, pem, mode=PRIVATE_FILE_MODE)
+    return key, True
+
+
+def _build_ca_certificate(ca_key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    # A random suffix tells CAs of different installations apart in a
+    # device's trust store and in verification errors.
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"Devastator CA {secrets.token_hex(4)}")])
+    now = _now()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + CA_VALIDITY)
+        # path_length=0: the CA signs end-entity certificates, never sub-CAs.
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+def _build_server_certificate(
+    server_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    hostnames: Sequence[str],
+) -> x509.Certificate:
+    now = _now()
+    return (
+        x509.CertificateBuilder()
+        # Clients match hostnames against the SAN only; the CN is for people.
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Devastator server")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + SERVER_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(digital_signature=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([_general_name(name) for name in hostnames]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False)
+        .add_extension(_authority_key_identifier(ca_cert), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+def _general_name(hostname: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(hostname))
+    except ValueError:
+        return x509.DNSName(hostname)
+
+
+def _authority_key_identifier(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    subject_key_id = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(subject_key_id)
+
+
+def _key_usage(
+    *, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False
+) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _check_client_key(public_key: object) -> None:
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < _MIN_RSA_BITS:
+            raise ValueError(f"RSA key of {public_key.key_size} bits is too weak, need {_MIN_RSA_BITS}")
+    elif not isinstance(public_key, (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+        raise ValueError(f"unsupported key type {type(public_key).__name__} in CSR")
+
+
+def _parse_identity_uri(uri: str) -> tuple[str, str] | None:
+    if not uri.startswith(IDENTITY_URI_PREFIX):
+        return None
+    parts = uri[len(IDENTITY_URI_PREFIX):].split("/")
+    if len(parts) != 3 or parts[1] != "device":
+        return None
+    user, device = unquote(parts[0]), unquote(parts[2])
+    if not user or not device:
+        return None
+    return user, device
+
+
+def _cert_pem(certificate: x509.Certificate) -> bytes:
+    return certificate.public_bytes(serialization.Encoding.PEM)

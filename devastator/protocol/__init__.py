@@ -1,0 +1,92 @@
+"""Sans-IO wire protocol: framing, the JSON-RPC 2.0 codec and method params.
+
+Bytes in, typed values out, and back; no sockets, greenlets or actors here, so
+every transport shares it and its tests need no network (PROTOCOL.md).
+"""
+
+from . import errors
+from .errors import (
+    Forbidden,
+    InternalError,
+    InvalidParams,
+    InvalidRequest,
+    MethodNotFound,
+    NotAuthenticated,
+    Overloaded,
+    ParseError,
+    RpcError,
+    TooLarge,
+    UnknownRecipient,
+    error_class_for,
+)
+from .framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame, encode_frames
+from .jsonrpc import (
+    Batch,
+    ErrorResponse,
+    Invalid,
+    Notification,
+    Request,
+    Response,
+    decode,
+    encode,
+    encode_batch,
+    to_obj,
+)
+from .methods import (
+    EchoParams,
+    GoogleAuthParams,
+    JwtAuthParams,
+    Limits,
+    PushRegisterParams,
+    SendParams,
+    is_valid_device_id,
+    is_valid_user_id,
+    parse_auth_google,
+    parse_auth_jwt,
+    parse_echo,
+    parse_push_register,
+    parse_send,
+)
+
+__all__ = [
+    "errors",
+    "RpcError",
+    "ParseError",
+    "InvalidRequest",
+    "MethodNotFound",
+    "InvalidParams",
+    "InternalError",
+    "NotAuthenticated",
+    "Forbidden",
+    "Overloaded",
+    "TooLarge",
+    "UnknownRecipient",
+    "error_class_for",
+    "DEFAULT_MAX_FRAME_BYTES",
+    "FrameDecoder",
+    "encode_frame",
+    "encode_frames",
+    "Request",
+    "Notification",
+    "Response",
+    "ErrorResponse",
+    "Invalid",
+    "Batch",
+    "decode",
+    "encode",
+    "encode_batch",
+    "to_obj",
+    "Limits",
+    "SendParams",
+    "parse_send",
+    "EchoParams",
+    "parse_echo",
+    "JwtAuthParams",
+    "parse_auth_jwt",
+    "PushRegisterParams",
+    "parse_push_register",
+    "GoogleAuthParams",
+    "parse_auth_google",
+    "is_valid_user_id",
+    "is_valid_device_id",
+]

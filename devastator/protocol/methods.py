@@ -1,0 +1,209 @@
+"""Typed, validated params of the client-to-server methods (PROTOCOL.md section 4).
+
+Pure functions from a decoded ``params`` value to a frozen dataclass; every
+violation raises InvalidParams naming the field, or TooLarge for size limits.
+Optional fields given as null are treated as absent, as most JSON encoders
+emit null for an unset field; ``message`` is the exception, where null is a
+legitimate payload and only a missing member is an error.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .errors import InvalidParams, TooLarge
+
+__all__ = [
+    "USER_ID_PATTERN",
+    "MAX_JWT_CHARS",
+    "MAX_PUSH_TOKEN_CHARS",
+    "MAX_CSR_CHARS",
+    "PUSH_PLATFORMS",
+    "is_valid_user_id",
+    "is_valid_device_id",
+    "Limits",
+    "SendParams",
+    "parse_send",
+    "EchoParams",
+    "parse_echo",
+    "JwtAuthParams",
+    "parse_auth_jwt",
+    "PushRegisterParams",
+    "parse_push_register",
+    "GoogleAuthParams",
+    "parse_auth_google",
+]
+
+USER_ID_PATTERN = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+_id_fullmatch = USER_ID_PATTERN.fullmatch
+
+MAX_JWT_CHARS = 8192
+MAX_PUSH_TOKEN_CHARS = 4096
+# A PEM certificate signing request is a few kilobytes even with RSA-4096.
+MAX_CSR_CHARS = 16384
+PUSH_PLATFORMS = frozenset(("apns", "gcm", "fcm"))
+
+
+def is_valid_user_id(s: Any) -> bool:
+    return type(s) is str and _id_fullmatch(s) is not None
+
+
+# Device ids follow the user id rule (they share the same contexts: paths,
+# certificate names, log lines).
+is_valid_device_id = is_valid_user_id
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_message_bytes: int = 65536
+    max_recipients: int = 100
+    default_ttl: int = 2419200  # 4 weeks, in seconds
+    max_ttl: int = 2419200
+    max_cid_length: int = 128
+
+
+@dataclass(frozen=True, slots=True)
+class SendParams:
+    to: tuple[str, ...]
+    message_json: bytes
+    cid: str | None
+    ttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class EchoParams:
+    message_json: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class JwtAuthParams:
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class PushRegisterParams:
+    platform: str
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class GoogleAuthParams:
+    token: str
+    device: str | None
+    csr: str | None
+
+
+def _require_object(params: Any) -> dict:
+    if type(params) is not dict:
+        raise InvalidParams("params must be an object")
+    return params
+
+
+def _message_json(params: dict, limits: Limits) -> bytes:
+    if "message" not in params:
+        raise InvalidParams('missing field "message"')
+    try:
+        # Re-serializing normalizes the payload (compact, valid UTF-8) so the
+        # stored bytes and the size check agree with what is delivered.
+        message_json = orjson.dumps(params["message"])
+    except orjson.JSONEncodeError as exc:
+        raise InvalidParams(f'"message" is not serializable: {exc}') from None
+    if len(message_json) > limits.max_message_bytes:
+        raise TooLarge(
+            f'"message" is {len(message_json)} bytes, over the limit of '
+            f"{limits.max_message_bytes} bytes"
+        )
+    return message_json
+
+
+def _string(params: dict, field: str, max_chars: int, *, required: bool) -> str | None:
+    value = params.get(field)
+    if value is None:
+        if required:
+            raise InvalidParams(f'missing field "{field}"')
+        return None
+    if type(value) is not str or not value:
+        raise InvalidParams(f'"{field}" must be a non-empty string')
+    if len(value) > max_chars:
+        raise InvalidParams(f'"{field}" is longer than {max_chars} characters')
+    return value
+
+
+def _recipients(params: dict, limits: Limits) -> tuple[str, ...]:
+    to = params.get("to")
+    if type(to) is str:
+        if _id_fullmatch(to) is None:
+            raise InvalidParams('"to" is not a valid user id')
+        return (to,)
+    if type(to) is not list or not to:
+        raise InvalidParams('"to" must be a user id or a non-empty array of user ids')
+    for user in to:
+        if type(user) is not str or _id_fullmatch(user) is None:
+            raise InvalidParams('"to" contains an invalid user id')
+    # dict keeps first-seen order, which is the order the sender listed them.
+    unique = tuple(dict.fromkeys(to))
+    if len(unique) > limits.max_recipients:
+        raise TooLarge(
+            f'"to" has {len(unique)} recipients, over the limit of {limits.max_recipients}'
+        )
+    return unique
+
+
+def _ttl(params: dict, limits: Limits) -> int:
+    ttl = params.get("ttl")
+    if ttl is None:
+        return min(limits.default_ttl, limits.max_ttl)
+    t = type(ttl)
+    if t is float and ttl.is_integer():
+        # Some encoders (JavaScript's included, via doubles) write 60.0.
+        ttl = int(ttl)
+    elif t is not int:
+        raise InvalidParams('"ttl" must be a positive integer number of seconds')
+    if ttl <= 0:
+        raise InvalidParams('"ttl" must be a positive integer number of seconds')
+    return min(ttl, limits.max_ttl)
+
+
+def parse_send(params: Any, limits: Limits) -> SendParams:
+    """Validate ``msg.send`` params."""
+    params = _require_object(params)
+    to = _recipients(params, limits)
+    message_json = _message_json(params, limits)
+    cid = _string(params, "cid", limits.max_cid_length, required=False)
+    return SendParams(to, message_json, cid, _ttl(params, limits))
+
+
+def parse_echo(params: Any, limits: Limits) -> EchoParams:
+    """Validate ``msg.echo`` params."""
+    return EchoParams(_message_json(_require_object(params), limits))
+
+
+def parse_auth_jwt(params: Any) -> JwtAuthParams:
+    """Validate ``auth.jwt`` params (shape only; the signature is checked elsewhere)."""
+    params = _require_object(params)
+    return JwtAuthParams(_string(params, "token", MAX_JWT_CHARS, required=True))  # type: ignore[arg-type]
+
+
+def parse_push_register(params: Any) -> PushRegisterParams:
+    """Validate ``push.register`` params."""
+    params = _require_object(params)
+    platform = params.get("platform")
+    if type(platform) is not str or platform not in PUSH_PLATFORMS:
+        raise InvalidParams('"platform" must be one of "apns", "gcm", "fcm"')
+    token = _string(params, "token", MAX_PUSH_TOKEN_CHARS, required=True)
+    return PushRegisterParams(platform, token)  # type: ignore[arg-type]
+
+
+def parse_auth_google(params: Any) -> GoogleAuthParams:
+    """Validate ``auth.google`` params (shape only; token and CSR are verified elsewhere)."""
+    params = _require_object(params)
+    token = _string(params, "token", MAX_JWT_CHARS, required=True)
+    device = params.get("device")
+    if device is not None and not is_valid_device_id(device):
+        raise InvalidParams('"device" must be 1 to 64 characters of [A-Za-z0-9._@-]')
+    csr = _string(params, "csr", MAX_CSR_CHARS, required=False)
+    return GoogleAuthParams(token, device, csr)  # type: ignore[arg-type]

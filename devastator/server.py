@@ -1,0 +1,142 @@
+"""The launcher: starts the actors and endpoints in dependency order, stops them in reverse.
+
+First start creates what a single machine needs in the data directory (CA,
+server certificate, JWT keys, SQLite database); nothing is set up by hand.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+import weakref
+from typing import Callable
+
+import gevent
+import gevent.event
+import pykka
+from gevent.pool import Group
+
+from . import pki
+from .actors import DeviceActor, DeviceLimits, RouterActor, StoreActor, UserActor
+from .actors.messages import Inspect, Tick
+from .auth import JwtAuthority
+from .config import Settings
+from .protocol import Limits
+from .secrets import ensure_jwt_keys
+from .store import SqliteStore, Store
+from .transports import HttpTransport, OutboundQueue, TlsTransport
+
+log = logging.getLogger(__name__)
+
+
+class Server:
+    def __init__(self, settings: Settings, *, store: Store | None = None):
+        self.settings = settings
+        self._store = store
+        self._greenlets = Group()
+        self._stopped = gevent.event.Event()
+        self.store_ref: pykka.ActorRef | None = None
+        self.router_ref: pykka.ActorRef | None = None
+        self.tls: TlsTransport | None = None
+        self.http: HttpTransport | None = None
+        self._devices: weakref.WeakSet[pykka.ActorRef] = weakref.WeakSet()
+
+    # -- starting -------------------------------------------------------------------
+
+    def start(self) -> None:
+        settings = self.settings
+        paths = pki.ensure_pki(settings.data_dir)
+        authority = JwtAuthority(ensure_jwt_keys(settings.data_dir))
+        store = self._store or SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
+        self.store_ref = store_ref = StoreActor.start(store=store)
+        self.router_ref = router_ref = RouterActor.start(
+            store=store_ref,
+            start_user=lambda user: UserActor.start(
+                user=user,
+                store=store_ref,
+                ack_timeout=settings.ack_timeout,
+                delivery_window=settings.delivery_window,
+            ),
+            user_idle_timeout=settings.user_idle_timeout,
+        )
+        # Both must answer before any connection can reach them.
+        store_ref.ask(Inspect())
+        router_ref.ask(Inspect())
+        limits = DeviceLimits(
+            max_batch=settings.max_batch,
+            max_pending_requests=settings.max_pending_requests,
+            message_limits=Limits(
+                max_message_bytes=settings.max_message_bytes,
+                max_recipients=settings.max_recipients,
+                default_ttl=settings.default_ttl,
+                max_ttl=settings.max_ttl,
+                max_cid_length=settings.max_cid_length,
+            ),
+        )
+
+        def new_device(outbound: OutboundQueue) -> pykka.ActorRef:
+            device = DeviceActor.start(
+                connection=outbound, router=router_ref, store=store_ref, authority=authority, limits=limits
+            )
+            self._devices.add(device)
+            return device
+
+        server_context = pki.server_ssl_context(paths)
+        self.tls = TlsTransport(
+            host=settings.host,
+            port=settings.tls_port,
+            ssl_context=server_context,
+            new_device=new_device,
+            max_connections=settings.max_connections,
+            max_frame_bytes=settings.max_frame_bytes,
+            max_outbound_bytes=settings.max_outbound_bytes,
+            read_timeout=settings.read_timeout,
+        )
+        self.http = HttpTransport(
+            host=settings.host,
+            port=settings.http_port,
+            new_device=new_device,
+            max_connections=settings.max_connections,
+            max_frame_bytes=settings.max_frame_bytes,
+            max_outbound_bytes=settings.max_outbound_bytes,
+            read_timeout=settings.read_timeout,
+            ssl_context=server_context if settings.ws_tls else None,
+        )
+        self._spawn(self._clock)
+        self.tls.start()
+        self.http.start()
+        log.info("Devastator started (data dir %s)", settings.data_dir.resolve())
+
+    def _spawn(self, function: Callable, *args) -> gevent.Greenlet:
+        greenlet = self._greenlets.spawn(function, *args)
+        greenlet.link_exception(lambda g: log.error("%s crashed: %r", function.__name__, g.exception))
+        return greenlet
+
+    def _clock(self) -> None:
+        while True:
+            gevent.sleep(self.settings.tick_interval)
+            self.router_ref.tell(Tick(time.monotonic()))
+
+    # -- running and stopping ------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM or SIGINT, then shut down cleanly."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            gevent.signal_handler(signum, lambda: gevent.spawn(self.stop))
+        self._stopped.wait()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._stopped.is_set():
+            return
+        log.info("Devastator stopping")
+        for transport in (self.http, self.tls):
+            if transport is not None:
+                transport.stop(timeout)
+        self._greenlets.kill(timeout=timeout)
+        for device in list(self._devices):  # their connections are closed: sweep them
+            device.stop(timeout=timeout)
+        for ref in (self.router_ref, self.store_ref):
+            if ref is not None:
+                ref.stop(timeout=timeout)
+        self._stopped.set()
+        log.info("Devastator stopped")

@@ -1,0 +1,13 @@
+"""Durable storage behind one small interface (``Store``)."""
+from .base import Accepted, Attachment, Store, StoredMessage, UnknownUserError, new_message_id
+from .sqlite import SqliteStore
+
+__all__ = [
+    "Accepted",
+    "Attachment",
+    "SqliteStore",
+    "Store",
+    "StoredMessage",
+    "UnknownUserError",
+    "new_message_id",
+]

@@ -1,0 +1,200 @@
+"""The HTTP port: the WebSocket endpoint ``/ws`` for browsers, and ``/healthz``.
+
+One text frame carries one JSON value (PROTOCOL.md 1); binary frames are
+refused with close code 1003. gevent-websocket stays behind this module: the
+actors only see an OutboundQueue, as with the TLS endpoint.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from typing import Callable, Iterable, Mapping
+
+import pykka
+from gevent.pool import Group, Pool
+from gevent.pywsgi import WSGIServer
+from geventwebsocket.exceptions import WebSocketError
+from geventwebsocket.handler import WebSocketHandler
+from geventwebsocket.websocket import Header, WebSocket
+
+from ..actors.messages import ConnectionLost, Received
+from ..protocol import ErrorResponse, encode
+from ..protocol.errors import RpcError, TooLarge
+from .outbound import OutboundQueue
+
+log = logging.getLogger(__name__)
+
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_POLICY_VIOLATION = 1008
+
+# An operator endpoint: path -> (content type, function making the body).
+Route = tuple[str, Callable[[], bytes]]
+
+
+class _BoundedWebSocket(WebSocket):
+    """gevent-websocket with a size limit checked before a payload is read.
+
+    The library reads whatever length a frame header announces, and unmasks
+    byte by byte in Python; this reads at most ``max_message_bytes`` per
+    message and unmasks with one integer XOR.
+    """
+
+    max_message_bytes = 1 << 20
+    _message_bytes = 0
+
+    def read_frame(self):
+        header = Header.decode_header(self.stream)
+        if header.flags:
+            raise WebSocketError("reserved bits set")
+        if header.opcode in (self.OPCODE_TEXT, self.OPCODE_BINARY):
+            self._message_bytes = 0
+        if header.opcode < 0x8:
+            self._message_bytes += header.length
+            if self._message_bytes > self.max_message_bytes:
+                raise TooLarge(f"message over {self.max_message_bytes} bytes")
+        if not header.length:
+            return header, b""
+        payload = self.raw_read(header.length)
+        if len(payload) != header.length:
+            raise WebSocketError("unexpected EOF reading frame payload")
+        if header.mask:
+            payload = _unmask(payload, header.mask)
+        return header, payload
+
+
+def _unmask(payload: bytes, mask: bytes) -> bytes:
+    size = len(payload)
+    key = (mask * (size // 4 + 1))[:size]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(size, "big")
+
+
+def _text_frames(bodies: Iterable[bytes]) -> bytes:
+    return b"".join(
+        Header.encode_header(True, WebSocket.OPCODE_TEXT, b"", len(body), 0) + body for body in bodies
+    )
+
+
+class HttpTransport:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        new_device: Callable[[OutboundQueue], pykka.ActorRef],
+        max_connections: int,
+        max_frame_bytes: int,
+        max_outbound_bytes: int,
+        read_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
+        routes: Mapping[str, Route] | None = None,
+    ):
+        self._new_device = new_device
+        self._max_frame_bytes = max_frame_bytes
+        self._max_outbound_bytes = max_outbound_bytes
+        self._read_timeout = read_timeout
+        self._routes = dict(routes or {})
+        self._routes.setdefault("/healthz", ("application/json", lambda: b'{"status":"ok"}'))
+        self._writers = Group()
+        self._connections: set[OutboundQueue] = set()
+        kwargs = {"ssl_context": ssl_context} if ssl_context is not None else {}
+        self._server = WSGIServer(
+            (host, port),
+            self._app,
+            handler_class=WebSocketHandler,
+            spawn=Pool(max_connections),
+            log=None,
+            error_log=log,
+            **kwargs,
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._server.address[:2]
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    def start(self) -> None:
+        self._server.start()
+        log.info("HTTP/WebSocket endpoint listening on %s:%d", *self.address)
+
+    def stop(self, timeout: float) -> None:
+        self._server.close()
+        for outbound in list(self._connections):
+            outbound.close()
+        self._server.stop(timeout=timeout)
+        self._writers.kill(timeout=timeout)
+
+    def _app(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == "/ws":
+            ws = environ.get("wsgi.websocket")
+            if ws is None:
+                start_response("426 Upgrade Required", [("Content-Type", "text/plain"), ("Upgrade", "websocket")])
+                return [b"a WebSocket upgrade is required on /ws\n"]
+            self._serve_websocket(ws, environ)
+            return []
+        route = self._routes.get(path)
+        if route is None:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found\n"]
+        content_type, render = route
+        body = render()
+        start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+        return [body]
+
+    def _serve_websocket(self, ws: WebSocket, environ) -> None:
+        ws.__class__ = _BoundedWebSocket  # same object, our read_frame (see the class)
+        ws.max_message_bytes = self._max_frame_bytes
+        raw = ws.handler.socket
+        raw.settimeout(self._read_timeout)
+        remote = f"{environ.get('REMOTE_ADDR')}:{environ.get('REMOTE_PORT')}"
+        outbound = OutboundQueue(
+            write=lambda bodies: ws.raw_write(_text_frames(bodies)),
+            shut=lambda: _shut(raw),
+            max_bytes=self._max_outbound_bytes,
+            remote=remote,
+        )
+        self._connections.add(outbound)
+        writer = self._writers.spawn(outbound.run)
+        device = self._new_device(outbound)
+        reason = "closed by peer"
+        try:
+            reason = self._read(ws, device, outbound)
+        finally:
+            self._connections.discard(outbound)
+            try:
+                device.tell(ConnectionLost(reason))
+            except pykka.ActorDeadError:
+                pass
+            outbound.close()
+            writer.join(timeout=10)
+
+    def _read(self, ws: WebSocket, device: pykka.ActorRef, outbound: OutboundQueue) -> str:
+        while not outbound.closing:
+            try:
+                message = ws.receive()
+            except RpcError as violation:
+                outbound.send([encode(ErrorResponse.from_error(violation))])
+                outbound.close(final=lambda: ws.close(CLOSE_POLICY_VIOLATION, b"message too large"))
+                return f"protocol violation: {violation.message}"
+            except (WebSocketError, OSError) as error:
+                return f"read failed: {error}"
+            if message is None:
+                return "closed by peer"
+            if not isinstance(message, str):
+                outbound.close(
+                    final=lambda: ws.close(CLOSE_UNSUPPORTED_DATA, b"binary frames are not accepted")
+                )
+                return "binary frame refused"
+            device.tell(Received((message,)))
+        return "closed by server"
+
+
+def _shut(raw: socket.socket) -> None:
+    try:
+        raw.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

@@ -1,0 +1,133 @@
+"""The TLS endpoint: 4-byte little-endian length frames of JSON (PROTOCOL.md 2).
+
+One greenlet per connection reads, lets the sans-IO FrameDecoder cut frames,
+and tells the connection's device actor; a second one writes (OutboundQueue).
+A framing violation gets one JSON-RPC error and the connection closes.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from typing import Callable
+
+import gevent
+import pykka
+from gevent.pool import Group, Pool
+from gevent.server import StreamServer
+
+from ..actors.messages import ConnectionLost, Received
+from ..pki import client_identity
+from ..protocol import ErrorResponse, FrameDecoder, encode, encode_frames
+from ..protocol.errors import RpcError
+from .outbound import OutboundQueue
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 65536
+
+
+class TlsTransport:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext,
+        new_device: Callable[[OutboundQueue], pykka.ActorRef],
+        max_connections: int,
+        max_frame_bytes: int,
+        max_outbound_bytes: int,
+        read_timeout: float,
+        handshake_timeout: float = 10.0,
+    ):
+        self._ssl_context = ssl_context
+        self._new_device = new_device
+        self._max_frame_bytes = max_frame_bytes
+        self._max_outbound_bytes = max_outbound_bytes
+        self._read_timeout = read_timeout
+        self._handshake_timeout = handshake_timeout
+        self._writers = Group()
+        self._connections: set[OutboundQueue] = set()
+        self._server = StreamServer((host, port), self._handle, spawn=Pool(max_connections))
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._server.address[:2]
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    def start(self) -> None:
+        self._server.start()
+        log.info("TLS endpoint listening on %s:%d", *self.address)
+
+    def stop(self, timeout: float) -> None:
+        self._server.close()  # no new connections
+        for outbound in list(self._connections):
+            outbound.close()
+        self._server.stop(timeout=timeout)
+        self._writers.kill(timeout=timeout)
+
+    def _handle(self, raw: socket.socket, address) -> None:
+        remote = f"{address[0]}:{address[1]}"
+        raw.settimeout(self._handshake_timeout)
+        try:
+            conn = self._ssl_context.wrap_socket(raw, server_side=True)
+        except (OSError, ValueError) as error:
+            log.debug("%s: TLS handshake failed: %s", remote, error)
+            raw.close()
+            return
+        conn.settimeout(self._read_timeout)
+        outbound = OutboundQueue(
+            write=lambda bodies: conn.sendall(encode_frames(bodies)),
+            shut=lambda: _shut(conn),
+            max_bytes=self._max_outbound_bytes,
+            remote=remote,
+            peer_identity=client_identity(conn.getpeercert(binary_form=True)),
+        )
+        self._connections.add(outbound)
+        writer = self._writers.spawn(outbound.run)
+        device = self._new_device(outbound)
+        reason = "closed by peer"
+        try:
+            reason = self._read(conn, device, outbound)
+        finally:
+            self._connections.discard(outbound)
+            try:
+                device.tell(ConnectionLost(reason))
+            except pykka.ActorDeadError:
+                pass
+            outbound.close()
+            writer.join(timeout=self._handshake_timeout)
+            conn.close()
+
+    def _read(self, conn, device: pykka.ActorRef, outbound: OutboundQueue) -> str:
+        decoder = FrameDecoder(self._max_frame_bytes)
+        while not outbound.closing:
+            try:
+                data = conn.recv(READ_SIZE)
+            except TimeoutError:
+                return "read timeout"
+            except OSError as error:
+                return f"read failed: {error}"
+            if not data:
+                return "closed by peer"
+            try:
+                bodies = decoder.feed(data)
+            except RpcError as violation:
+                outbound.send([encode(ErrorResponse.from_error(violation))])
+                return f"framing violation: {violation.message}"
+            if bodies:
+                device.tell(Received(tuple(bodies)))
+        return "closed by server"
+
+
+def _shut(conn) -> None:
+    # Closing the socket wakes the reader greenlet blocked on it.
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    conn.close()

@@ -1,0 +1,104 @@
+"""Test set-up: gevent first, then a real server on ephemeral ports."""
+from gevent import monkey
+
+monkey.patch_all()  # before pykka or anything else imports threading
+
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pykka  # noqa: E402
+import pytest  # noqa: E402
+
+from devastator.auth import JwtAuthority  # noqa: E402
+from devastator.client import Client  # noqa: E402
+from devastator.config import Settings  # noqa: E402
+from devastator.secrets import ensure_jwt_keys  # noqa: E402
+from devastator.server import Server  # noqa: E402
+from devastator.store import SqliteStore  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def stop_all_actors():
+    yield
+    pykka.ActorRegistry.stop_all()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        tls_port=0,
+        http_port=0,
+        ack_timeout=30.0,
+        tick_interval=0.1,
+        sqlite_synchronous="NORMAL",
+    )
+
+
+class RunningServer:
+    """A started Server plus what tests need to reach it."""
+
+    def __init__(self, server: Server):
+        self.server = server
+        self.settings = server.settings
+        self.authority = JwtAuthority(ensure_jwt_keys(self.settings.data_dir))
+        self._clients: list[Client] = []
+
+    @property
+    def tls_address(self) -> tuple[str, int]:
+        return self.server.tls.address
+
+    @property
+    def http_address(self) -> tuple[str, int]:
+        return self.server.http.address
+
+    @property
+    def ca(self) -> Path:
+        return self.settings.data_dir / "ca.pem"
+
+    def token(self, user: str, device: str = "default", ttl: int = 3600) -> str:
+        """Create the user and device (as ``devastator token`` does) and mint a JWT."""
+        store = SqliteStore(self.settings.db_path)
+        store.open()
+        try:
+            now = int(time.time() * 1000)
+            store.add_user(user, now)
+            store.add_device(user, device, now)
+        finally:
+            store.close()
+        return self.authority.mint(user, device, ttl)
+
+    def tls_client(self, **kwargs) -> Client:
+        host, port = self.tls_address
+        client = Client.connect_tls("localhost", port, ca=self.ca, **kwargs)
+        self._clients.append(client)
+        return client
+
+    def ws_client(self, **kwargs) -> Client:
+        host, port = self.http_address
+        client = Client.connect_ws(f"ws://{host}:{port}/ws", **kwargs)
+        self._clients.append(client)
+        return client
+
+    def connect(self, user: str, device: str = "default", *, ws: bool = False, **kwargs) -> Client:
+        client = self.ws_client(**kwargs) if ws else self.tls_client(**kwargs)
+        client.auth_jwt(self.token(user, device))
+        return client
+
+    def close_clients(self) -> None:
+        for client in self._clients:
+            client.close()
+
+
+def start_server(settings: Settings, **kwargs) -> RunningServer:
+    server = Server(settings, **kwargs)
+    server.start()
+    return RunningServer(server)
+
+
+@pytest.fixture
+def running(settings):
+    running = start_server(settings)
+    yield running
+    running.close_clients()
+    running.server.stop()
