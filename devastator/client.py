@@ -125,9 +125,12 @@ class Pending:
 
 
 class Client:
-    def __init__(self, connect: Callable[[], Any], *, auto_ack: bool = True, timeout: float = 10.0):
+    def __init__(
+        self, connect: Callable[[], Any], *, auto_ack: bool = True, dedupe: bool = True, timeout: float = 10.0
+    ):
         self._connect = connect
         self.auto_ack = auto_ack
+        self.dedupe = dedupe
         self.timeout = timeout
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -302,7 +305,9 @@ class Client:
             return None
         if isinstance(item, Request) and item.method == "msg.recv":
             message_id = item.id
-            if message_id not in self._seen:
+            if not self.dedupe:
+                self.messages.put(item.params)
+            elif message_id not in self._seen:
                 self._seen[message_id] = None
                 if len(self._seen) > SEEN_IDS_KEPT:
                     self._seen.popitem(last=False)

@@ -105,7 +105,9 @@ def decode(data: bytes | str, max_batch: int = 100) -> Decoded:
 
     Raises ParseError for invalid JSON, InvalidRequest for a top-level value
     that is not a JSON-RPC object (or an empty array), TooLarge for a batch
-    over ``max_batch``. Invalid members of a batch become ``Invalid`` items.
+    of more than ``max_batch`` calls. Answers (responses) in a batch do not
+    count: a client may ACK several delivery batches at once, and the frame
+    size already bounds them. Invalid members of a batch become ``Invalid``.
     """
     try:
         obj = orjson.loads(data)
@@ -118,17 +120,20 @@ def decode(data: bytes | str, max_batch: int = 100) -> Decoded:
             raise message.error
         return message
     if t is list:
-        count = len(obj)
-        if count == 0:
+        if not obj:
             raise InvalidRequest(data="empty batch")
-        if count > max_batch:
-            raise TooLarge(f"batch of {count} exceeds the limit of {max_batch}")
         items = []
         append = items.append
+        calls = 0
         for member in obj:
             message = _from_obj(member)
-            if type(message) is _InvalidMarker:
+            kind = type(message)
+            if kind is _InvalidMarker:
                 message = Invalid(message.error.id, message.error)
+            if kind is not Response and kind is not ErrorResponse:
+                calls += 1
+                if calls > max_batch:
+                    raise TooLarge(f"batch of more than {max_batch} calls")
             append(message)
         return Batch(tuple(items))
     raise InvalidRequest(data="expected an object or an array")

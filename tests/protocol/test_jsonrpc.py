@@ -505,3 +505,12 @@ def test_messages_are_frozen():
     with pytest.raises(AttributeError):
         msg.method = "other"
     assert not hasattr(msg, "__dict__")
+
+
+def test_answers_in_a_batch_do_not_count_against_max_batch():
+    acks = [{"jsonrpc": "2.0", "id": f"m{n}", "result": "ACK"} for n in range(250)]
+    batch = decode(orjson.dumps(acks + [{"jsonrpc": "2.0", "method": "ping", "id": 1}]), max_batch=100)
+    assert len(batch.items) == 251
+    calls = [{"jsonrpc": "2.0", "method": "ping", "id": n} for n in range(101)]
+    with pytest.raises(TooLarge):
+        decode(orjson.dumps(acks[:5] + calls), max_batch=100)

@@ -1,0 +1,100 @@
+"""Nothing answered to a sender is lost when the server is killed (a real subprocess)."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from devastator.client import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+        self.tls_port, self.http_port = free_port(), free_port()
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(self.data_dir.parent / "server.log", "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "bin" / "devastator"), "--data-dir", str(self.data_dir),
+             "--tls-port", str(self.tls_port), "--http-port", str(self.http_port)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            assert self.process.poll() is None, "the server exited while starting"
+            try:
+                socket.create_connection(("127.0.0.1", self.tls_port), timeout=1).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not start listening"
+                time.sleep(0.05)
+
+    def token(self, user: str) -> str:
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "bin" / "devastator"), "token", user, "--data-dir", str(self.data_dir)],
+            check=True, capture_output=True, text=True,
+        ).stdout
+        return out.strip().splitlines()[-1]
+
+    def client(self, **kwargs) -> Client:
+        return Client.connect_tls("localhost", self.tls_port, ca=self.data_dir / "ca.pem", **kwargs)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def terminate(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(20)
+
+
+@pytest.fixture
+def server_process(tmp_path):
+    server = ServerProcess(tmp_path / "data")
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        server.process.kill()
+        server.process.wait(10)
+
+
+def test_answered_messages_survive_kill_9(server_process):
+    server_process.start()
+    alice_token, bob_token = server_process.token("alice"), server_process.token("bob")
+    alice = server_process.client()
+    alice.auth_jwt(alice_token)
+    answered = []
+    for start in range(0, 1000, 250):
+        window = [alice.send_async("bob", {"n": n}) for n in range(start, start + 250)]
+        answered.extend(pending.wait(20)["id"] for pending in window)
+    server_process.kill()  # SIGKILL: no shutdown code runs
+    alice.close()
+
+    server_process.start()
+    bob = server_process.client()
+    assert bob.auth_jwt(bob_token)["pending"] == 1000
+    received = [bob.receive(timeout=10) for _ in range(1000)]
+    assert [m["message"]["n"] for m in received] == list(range(1000))
+    assert [m["id"] for m in received] == answered
+    bob.close()
+
+
+def test_sigterm_shuts_down_cleanly(server_process):
+    server_process.start()
+    client = server_process.client()
+    client.auth_jwt(server_process.token("alice"))
+    assert server_process.terminate() == 0
+    assert client.closed.wait(5)
