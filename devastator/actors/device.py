@@ -190,9 +190,13 @@ class DeviceActor(pykka.ThreadingActor):
 
     def _on_received(self, received: Received) -> None:
         acked: list[str] = []
-        for body in received.bodies:
+        for index, body in enumerate(received.bodies):
             if self._closed:
                 return
+            if self._authenticating:
+                # What was read behind an auth.* waits for its outcome, ahead of later reads.
+                self._held.appendleft(Received(received.bodies[index:]))
+                break
             try:
                 incoming = decode(body, max_batch=self._limits.max_batch)
             except ParseError as error:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import struct
 from typing import Callable, Iterable, Mapping
 
 import pykka
@@ -36,23 +37,26 @@ class _BoundedWebSocket(WebSocket):
     """gevent-websocket with a size limit checked before a payload is read.
 
     The library reads whatever length a frame header announces, and unmasks
-    byte by byte in Python; this reads at most ``max_message_bytes`` per
-    message and unmasks with one integer XOR.
+    byte by byte in Python; this reads at most the limit per message and
+    unmasks with one integer XOR. The library's class has ``__slots__``, so the
+    per-connection limit and count live in the request's environ.
     """
 
-    max_message_bytes = 1 << 20
-    _message_bytes = 0
+    __slots__ = ()
 
     def read_frame(self):
         header = Header.decode_header(self.stream)
         if header.flags:
             raise WebSocketError("reserved bits set")
-        if header.opcode in (self.OPCODE_TEXT, self.OPCODE_BINARY):
-            self._message_bytes = 0
-        if header.opcode < 0x8:
-            self._message_bytes += header.length
-            if self._message_bytes > self.max_message_bytes:
-                raise TooLarge(f"message over {self.max_message_bytes} bytes")
+        if header.opcode < self.OPCODE_CLOSE:  # data frames: count the message's size
+            environ = self.environ
+            size = header.length
+            if header.opcode != self.OPCODE_CONTINUATION:
+                environ[_MESSAGE_BYTES] = 0
+            size += environ.get(_MESSAGE_BYTES, 0)
+            environ[_MESSAGE_BYTES] = size
+            if size > environ[_MAX_MESSAGE_BYTES]:
+                raise TooLarge(f"message over {environ[_MAX_MESSAGE_BYTES]} bytes")
         if not header.length:
             return header, b""
         payload = self.raw_read(header.length)
@@ -61,6 +65,16 @@ class _BoundedWebSocket(WebSocket):
         if header.mask:
             payload = _unmask(payload, header.mask)
         return header, payload
+
+
+_MAX_MESSAGE_BYTES = "devastator.max_message_bytes"
+_MESSAGE_BYTES = "devastator.message_bytes"
+
+
+def _close_frame(ws: WebSocket, code: int, reason: bytes) -> None:
+    # The library's close() drops its code argument; write the frame ourselves.
+    payload = struct.pack("!H", code) + reason
+    ws.raw_write(Header.encode_header(True, WebSocket.OPCODE_CLOSE, b"", len(payload), 0) + payload)
 
 
 def _unmask(payload: bytes, mask: bytes) -> bytes:
@@ -147,7 +161,7 @@ class HttpTransport:
 
     def _serve_websocket(self, ws: WebSocket, environ) -> None:
         ws.__class__ = _BoundedWebSocket  # same object, our read_frame (see the class)
-        ws.max_message_bytes = self._max_frame_bytes
+        environ[_MAX_MESSAGE_BYTES] = self._max_frame_bytes
         raw = ws.handler.socket
         raw.settimeout(self._read_timeout)
         remote = f"{environ.get('REMOTE_ADDR')}:{environ.get('REMOTE_PORT')}"
@@ -178,7 +192,7 @@ class HttpTransport:
                 message = ws.receive()
             except RpcError as violation:
                 outbound.send([encode(ErrorResponse.from_error(violation))])
-                outbound.close(final=lambda: ws.close(CLOSE_POLICY_VIOLATION, b"message too large"))
+                outbound.close(final=lambda: _close_frame(ws, CLOSE_POLICY_VIOLATION, b"message too large"))
                 return f"protocol violation: {violation.message}"
             except (WebSocketError, OSError) as error:
                 return f"read failed: {error}"
@@ -186,7 +200,7 @@ class HttpTransport:
                 return "closed by peer"
             if not isinstance(message, str):
                 outbound.close(
-                    final=lambda: ws.close(CLOSE_UNSUPPORTED_DATA, b"binary frames are not accepted")
+                    final=lambda: _close_frame(ws, CLOSE_UNSUPPORTED_DATA, b"binary frames are not accepted")
                 )
                 return "binary frame refused"
             device.tell(Received((message,)))
