@@ -136,6 +136,7 @@ class DeviceActor(pykka.ThreadingActor):
         self.user: str | None = None
         self.device: str | None = None
         self._user_ref: pykka.ActorRef | None = None
+        self._announced: tuple[str, str] | None = None  # told the router DeviceOnline for this
         self._closed = False
 
     # -- pykka ------------------------------------------------------------------
@@ -162,6 +163,7 @@ class DeviceActor(pykka.ThreadingActor):
             self._on_authenticated(message)
         elif isinstance(message, AuthFailed):
             self._authenticating = False
+            self._announce_offline()
             self._resolve(message.request_key, error=message.error)
             self._release_held()
         elif isinstance(message, Replaced):
@@ -281,6 +283,7 @@ class DeviceActor(pykka.ThreadingActor):
             raise Forbidden("Google sign-in is not configured on this server")
         key = self._wait(request_id, notification, batch)
         self._authenticating = True
+        self._announced = (user, device)
         self._router.tell(DeviceOnline(user, device, self.actor_ref, key))
 
     def _on_authenticated(self, authenticated: Authenticated) -> None:
@@ -388,9 +391,15 @@ class DeviceActor(pykka.ThreadingActor):
 
     def _on_connection_lost(self) -> None:
         self._closed = True
-        if self.user is not None:
-            self._router.tell(DeviceOffline(self.user, self.device, self.actor_ref))
+        self._announce_offline()
         self.stop()
+
+    def _announce_offline(self) -> None:
+        # Balances the DeviceOnline, also for an auth that failed or never finished.
+        if self._announced is not None:
+            user, device = self._announced
+            self._announced = None
+            self._router.tell(DeviceOffline(user, device, self.actor_ref))
 
 
 _METHODS = frozenset({"msg.send", "msg.echo", "push.register"})

@@ -42,6 +42,7 @@ class RouterActor(pykka.ThreadingActor):
         self._user_idle_timeout = user_idle_timeout
         self._purge_interval = purge_interval
         self._next_purge = 0.0
+        self._now = time.monotonic()  # the last tick's time: idleness is measured in ticks' clock
         self._users: dict[str, _LiveUser] = {}
 
     def on_stop(self) -> None:
@@ -57,13 +58,13 @@ class RouterActor(pykka.ThreadingActor):
             if live is None:
                 live = self._users[message.user] = _LiveUser(self._start_user(message.user))
             live.online += 1
-            live.ref.tell(message)
+            self._tell_user(message.user, live, message)
         elif isinstance(message, DeviceOffline):
             live = self._users.get(message.user)
             if live is not None:
                 live.online -= 1
-                live.idle_since = time.monotonic()
-                live.ref.tell(message)
+                live.idle_since = self._now
+                self._tell_user(message.user, live, message)
         elif isinstance(message, Tick):
             self._tick(message)
         elif isinstance(message, Inspect):
@@ -77,18 +78,28 @@ class RouterActor(pykka.ThreadingActor):
             if stored.recipient in self._users:
                 by_user[stored.recipient].append(stored)
         for user, messages in by_user.items():
-            self._users[user].ref.tell(Committed(tuple(messages)))
+            self._tell_user(user, self._users[user], Committed(tuple(messages)))
 
     def _tick(self, tick: Tick) -> None:
+        self._now = tick.now
         if tick.now >= self._next_purge:
             self._next_purge = tick.now + self._purge_interval
             self._store.tell(PurgeExpired())
         idle = []
-        for user, live in self._users.items():
+        for user, live in list(self._users.items()):
             if live.online > 0:
-                live.ref.tell(tick)
+                self._tell_user(user, live, tick)
             elif tick.now - live.idle_since >= self._user_idle_timeout:
                 idle.append(user)
         for user in idle:
             # Messages already in its inbox are handled before it stops.
             self._users.pop(user).ref.stop(block=False)
+
+    def _tell_user(self, user: str, live: _LiveUser, message) -> None:
+        try:
+            live.ref.tell(message)
+        except pykka.ActorDeadError:
+            # It crashed (pykka logged why); its truth is in the store, so the
+            # next device coming online starts a fresh one.
+            if self._users.get(user) is live:
+                del self._users[user]

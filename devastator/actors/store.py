@@ -54,12 +54,14 @@ class StoreActor(pykka.ThreadingActor):
         self._store.close()
 
     def on_receive(self, message):
+        answer = None
         if isinstance(message, Inspect):
-            return {"commits": self.commits, "committed_requests": self.committed_requests}
-        self._queued.append(message)
+            answer = {"commits": self.commits, "committed_requests": self.committed_requests}
+        else:
+            self._queued.append(message)
         if len(self._queued) >= self._max_group or self.actor_inbox.empty():
             self._commit_queued()
-        return None
+        return answer
 
     def _commit_queued(self) -> None:
         if not self._queued:

@@ -102,7 +102,7 @@ class UserActor(pykka.ThreadingActor):
     def _on_online(self, online: DeviceOnline) -> None:
         previous = self._devices.get(online.device)
         if previous is not None and previous.ref != online.device_ref:
-            previous.ref.tell(Replaced())
+            _tell(previous.ref, Replaced())
         self._devices[online.device] = _DeviceSlot(online.device_ref)
         self._store.tell(
             AttachDevice(self.user, online.device, online.device_ref, online.request_key, self.actor_ref)
@@ -114,13 +114,16 @@ class UserActor(pykka.ThreadingActor):
             return  # that connection is gone or was replaced meanwhile
         if attached.error is not None:
             del self._devices[attached.device]
-            slot.ref.tell(AuthFailed(attached.request_key, attached.error))
+            _tell(slot.ref, AuthFailed(attached.request_key, attached.error))
             return
         slot.attached = True
-        slot.ref.tell(
-            Authenticated(self.user, attached.device, self.actor_ref, attached.pending, attached.request_key)
+        self._tell_device(
+            attached.device,
+            slot,
+            Authenticated(self.user, attached.device, self.actor_ref, attached.pending, attached.request_key),
         )
-        self._load(attached.device, slot)
+        if attached.device in self._devices:
+            self._load(attached.device, slot)
 
     # -- the backlog in the store ------------------------------------------------
 
@@ -141,7 +144,9 @@ class UserActor(pykka.ThreadingActor):
             return  # the next tick tries again
         fresh = [m for m in loaded.messages if m.seq > slot.cursor]
         if fresh:
-            self._send(slot, fresh, as_batch=True)
+            self._send(loaded.device, slot, fresh, as_batch=True)
+            if loaded.device not in self._devices:
+                return
         slot.caught_up = loaded.complete and not slot.stale
         if not slot.caught_up and self._window - len(slot.inflight) >= self._refill_at:
             self._load(loaded.device, slot)
@@ -149,7 +154,7 @@ class UserActor(pykka.ThreadingActor):
     # -- live traffic ------------------------------------------------------------
 
     def _on_committed(self, committed: Committed) -> None:
-        for device, slot in self._devices.items():
+        for device, slot in list(self._devices.items()):
             if not slot.attached:
                 continue  # its attachment's first page will hold these
             if slot.loading:
@@ -163,7 +168,7 @@ class UserActor(pykka.ThreadingActor):
                 fresh = fresh[:room]
                 slot.caught_up = False
             if fresh:
-                self._send(slot, fresh, as_batch=False)
+                self._send(device, slot, fresh, as_batch=False)
 
     def _on_acked(self, acked: Acked) -> None:
         slot = self._devices.get(acked.device)
@@ -177,19 +182,25 @@ class UserActor(pykka.ThreadingActor):
         if not slot.caught_up and self._window - len(inflight) >= self._refill_at:
             self._load(acked.device, slot)
 
-    def _send(self, slot: _DeviceSlot, messages: list[StoredMessage], *, as_batch: bool) -> None:
+    def _send(self, device: str, slot: _DeviceSlot, messages: list[StoredMessage], *, as_batch: bool) -> None:
         now = self._clock()
         for message in messages:
             slot.inflight[message.id] = _InFlight(message, now)
         slot.cursor = messages[-1].seq
-        slot.ref.tell(Deliver(tuple(messages), as_batch=as_batch))
+        self._tell_device(device, slot, Deliver(tuple(messages), as_batch=as_batch))
+
+    def _tell_device(self, device: str, slot: _DeviceSlot, message) -> None:
+        if not _tell(slot.ref, message):
+            # Its connection is gone and its DeviceOffline is on the way: forget it now.
+            if self._devices.get(device) is slot:
+                del self._devices[device]
 
     # -- timers ---------------------------------------------------------------------
 
     def _on_tick(self, tick: Tick) -> None:
         deadline = tick.now - self._ack_timeout
         now_ms = self._wall_clock_ms()
-        for device, slot in self._devices.items():
+        for device, slot in list(self._devices.items()):
             if not slot.attached:
                 continue
             expired = [mid for mid, flight in slot.inflight.items() if flight.message.expires <= now_ms]
@@ -199,7 +210,9 @@ class UserActor(pykka.ThreadingActor):
             if overdue:
                 for flight in overdue:
                     flight.sent_at = tick.now
-                slot.ref.tell(Deliver(tuple(flight.message for flight in overdue), as_batch=False))
+                self._tell_device(device, slot, Deliver(tuple(f.message for f in overdue), as_batch=False))
+                if device not in self._devices:
+                    continue
             if not slot.caught_up and not slot.loading:
                 self._load(device, slot)
 
@@ -218,3 +231,11 @@ class UserActor(pykka.ThreadingActor):
                 for device, slot in self._devices.items()
             },
         }
+
+
+def _tell(ref: pykka.ActorRef, message) -> bool:
+    try:
+        ref.tell(message)
+    except pykka.ActorDeadError:
+        return False
+    return True
