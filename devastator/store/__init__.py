@@ -1,5 +1,5 @@
 """Durable storage behind one small interface (``Store``)."""
-from .base import Accepted, Attachment, Store, StoredMessage, UnknownUserError, new_message_id
+from .base import Accepted, Attachment, Store, StoredMessage, UnknownUserError, MessageIds
 from .sqlite import SqliteStore
 
 __all__ = [
@@ -9,5 +9,5 @@ __all__ = [
     "Store",
     "StoredMessage",
     "UnknownUserError",
-    "new_message_id",
+    "MessageIds",
 ]

@@ -7,6 +7,7 @@ time (the store actor), which groups many calls into one durable commit with
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from typing import ContextManager, Protocol, Sequence
@@ -93,6 +94,15 @@ class Store(Protocol):
     def list_devices(self, user: str) -> list[str]: ...
 
 
-def new_message_id(ts_ms: int) -> str:
-    """A message id that sorts by acceptance time and is unique across nodes."""
-    return f"{ts_ms:012x}{os.urandom(6).hex()}"
+class MessageIds:
+    """Message ids that sort by acceptance time and are unique across processes.
+
+    A random prefix per store instance and a counter: no system call per id.
+    """
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(4).hex()
+        self._counter = itertools.count(1)
+
+    def new(self, ts_ms: int) -> str:
+        return f"{ts_ms:012x}{self._prefix}{next(self._counter) & 0xFFFFFF:06x}"

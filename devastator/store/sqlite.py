@@ -12,7 +12,7 @@ import sqlite3
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .base import Accepted, Attachment, StoredMessage, UnknownUserError, new_message_id
+from .base import Accepted, Attachment, MessageIds, StoredMessage, UnknownUserError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -70,6 +70,7 @@ class SqliteStore:
         self._busy_timeout_ms = busy_timeout_ms
         self._db: sqlite3.Connection | None = None
         self._in_batch = False
+        self._ids = MessageIds()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -134,7 +135,7 @@ class SqliteStore:
             unknown = [user for user in recipients if not self._user_exists(user)]
             if unknown:
                 raise UnknownUserError(unknown)
-            message_id = new_message_id(now_ms)
+            message_id = self._ids.new(now_ms)
             expires = now_ms + ttl_seconds * 1000
             stored = []
             for recipient in recipients:

@@ -1,0 +1,878 @@
+#!/usr/bin/env python3
+"""Benchmark a real Devastator server over TLS: throughput, latency and CPU per message.
+
+Starts the server as a subprocess on free ports with a fresh data directory,
+mints tokens for N sender/recipient pairs, and drives it with a lean load
+generator (one greenlet per connection, big reads, one write per read):
+
+    online   recipients connected; senders keep W sends in flight for the
+             warm-up and the measured duration; latency is receive - send time.
+    offline  recipients away; senders store M messages; then the recipients
+             connect and the bench times the drain of the backlog.
+
+Every received message is checked (addressed to this recipient, from its
+sender, in order per sender); JSON-RPC errors, lost messages and order
+violations are reported and make the exit status non-zero. See bench/README.md.
+"""
+from gevent import monkey
+
+monkey.patch_all()  # before anything imports socket, ssl, subprocess or threading
+
+import argparse  # noqa: E402
+import array  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import secrets  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import sqlite3  # noqa: E402
+import ssl  # noqa: E402
+import struct  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gevent  # noqa: E402
+import gevent.event  # noqa: E402
+from gevent.pool import Group  # noqa: E402
+import orjson  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout even when the package is not installed
+
+from devastator.protocol import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, RpcError  # noqa: E402
+
+READ_SIZE = 256 * 1024
+DEVICE = "bench"
+ACK_BATCH = 100  # ACKs go back in batches like the server's delivery chunks
+ERRORS_KEPT = 5
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+_pack_header = struct.Struct("<I").pack
+_loads = orjson.loads
+_dumps = orjson.dumps
+_now = time.perf_counter
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on (server did not start, auth failed, ...)."""
+
+
+# -- the server process --------------------------------------------------------------
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+class ServerProcess:
+    """``bin/devastator`` as a subprocess in its own session, stopped with SIGTERM."""
+
+    def __init__(self, data_dir: Path, host: str):
+        self.data_dir = data_dir
+        self.host = host
+        self.tls_port = free_port(host)
+        self.http_port = free_port(host)
+        while self.http_port == self.tls_port:
+            self.http_port = free_port(host)
+        self.log_path = data_dir / "server.log"
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def start(self, timeout: float = 30.0) -> None:
+        command = [
+            sys.executable, str(ROOT / "bin" / "devastator"),
+            "--data-dir", str(self.data_dir), "--host", self.host,
+            "--tls-port", str(self.tls_port), "--http-port", str(self.http_port),
+        ]
+        with open(self.log_path, "ab") as log:
+            # Own session: a Ctrl-C in the terminal reaches only the bench, which
+            # then stops the server with SIGTERM like an operator would.
+            self._process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=str(ROOT), start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._process.poll() is not None:
+                raise BenchError(f"the server exited with status {self._process.returncode}:\n{self.log_tail()}")
+            try:
+                socket.create_connection((self.host, self.tls_port), timeout=0.5).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the server did not listen within {timeout:.0f} s:\n{self.log_tail()}")
+                gevent.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        process = self._process
+        if process is None or process.poll() is not None:
+            return None if process is None else process.returncode
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            print(f"bench: the server ignored SIGTERM for {timeout:.0f} s; killing it", file=sys.stderr)
+            process.kill()
+            return process.wait()
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no server log)"
+
+
+def process_cpu_seconds(pid: int | None) -> tuple[float, float] | None:
+    """(utime, stime) of ``pid`` in seconds: fields 14 and 15 of /proc/PID/stat."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            data = stat.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces: count the fields after its ")".
+    fields = data[data.rindex(b")") + 2:].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def process_rss_mb(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuMeter:
+    """CPU seconds of the server and of this process between ``start`` and ``stop``."""
+
+    def __init__(self, server_pid: int | None):
+        self.server_pid = server_pid
+
+    def start(self) -> None:
+        self.started = _now()
+        self._server = process_cpu_seconds(self.server_pid)
+        self._own = own_cpu_seconds()
+
+    def stop(self) -> None:
+        self.wall = _now() - self.started
+        end = process_cpu_seconds(self.server_pid)
+        if end is None or self._server is None:
+            self.server = self.server_user = self.server_sys = None
+        else:
+            self.server_user = end[0] - self._server[0]
+            self.server_sys = end[1] - self._server[1]
+            self.server = self.server_user + self.server_sys
+        self.own = own_cpu_seconds() - self._own
+
+
+# -- tokens --------------------------------------------------------------------------
+
+
+def mint_tokens(data_dir: Path, users: list[str]) -> dict[str, str]:
+    """Create the users and their device in the server's database and mint their JWTs.
+
+    In-process rather than one ``devastator token`` per user, which takes long
+    for many users. The server must have created its data directory first:
+    ensure_jwt_keys would otherwise write keys the server never reads.
+    """
+    from devastator.auth import JwtAuthority
+    from devastator.secrets import ensure_jwt_keys, jwt_keys_path
+    from devastator.store import SqliteStore
+
+    if not jwt_keys_path(data_dir).exists() or not (data_dir / "devastator.db").exists():
+        raise BenchError(f"{data_dir} holds no server data (jwt-keys.json, devastator.db)")
+    authority = JwtAuthority(ensure_jwt_keys(data_dir))
+    store = SqliteStore(data_dir / "devastator.db", synchronous="NORMAL")
+    store.open()
+    try:
+        now_ms = int(time.time() * 1000)
+        with store.batch():
+            for user in users:
+                store.add_user(user, now_ms)
+                store.add_device(user, DEVICE, now_ms)
+    finally:
+        store.close()
+    return {user: authority.mint(user, DEVICE, 24 * 3600) for user in users}
+
+
+def pending_count(data_dir: Path, users: list[str]) -> int:
+    """Rows the server still keeps pending for ``users`` (its ACKs not yet applied)."""
+    db = sqlite3.connect(f"file:{data_dir / 'devastator.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        marks = ",".join("?" * len(users))
+        return db.execute(f"SELECT count(*) FROM pending WHERE user IN ({marks})", users).fetchone()[0]
+    finally:
+        db.close()
+
+
+# -- the load generator ------------------------------------------------------------
+
+
+class Run:
+    """State the connections share with the conductor: flags read once per socket read."""
+
+    def __init__(self):
+        self.measuring = False
+        self.stopping = False
+        self.errors: list = []  # the first few JSON-RPC error answers, for the report
+        self.error_count = 0
+        self.connection_errors: list[str] = []
+
+    def error(self, where: str, obj) -> None:
+        self.error_count += 1
+        if len(self.errors) < ERRORS_KEPT:
+            self.errors.append((where, obj))
+
+
+class Connection:
+    """One TLS connection and its greenlet; subclasses turn decoded frames into a reply."""
+
+    def __init__(self, run: Run, user: str, token: str, ssl_context: ssl.SSLContext, address):
+        self.run_state = run
+        self.user = user
+        self._token = token
+        self._ssl_context = ssl_context
+        self._address = address
+        self._decoder = FrameDecoder(DEFAULT_MAX_FRAME_BYTES)
+        self.sock: ssl.SSLSocket | None = None
+        self.connected = gevent.event.Event()
+        self.go = gevent.event.Event()  # authenticate now
+        self.authenticated = gevent.event.Event()
+        self.auth_error = None
+        self.closing = False
+
+    def _connect(self) -> None:
+        raw = socket.create_connection(self._address, timeout=30)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = self._ssl_context.wrap_socket(raw, server_hostname="localhost")
+        self.sock.settimeout(None)
+
+    def main(self) -> None:
+        """The greenlet: connect, wait for ``go``, authenticate, then serve the socket.
+
+        Only this greenlet writes to the socket, so writes never interleave.
+        """
+        try:
+            self._connect()
+            self.connected.set()
+            self.go.wait()
+            auth = {"jsonrpc": "2.0", "id": "auth", "method": "auth.jwt", "params": {"token": self._token}}
+            body = _dumps(auth)
+            self.sock.sendall(_pack_header(len(body)) + body)
+            self._loop()
+        except (OSError, RpcError) as error:  # RpcError: the server broke the framing
+            if not self.closing:
+                self.run_state.connection_errors.append(f"{self.user}: {type(error).__name__}: {error}")
+        finally:
+            self.connected.set()  # never leave the conductor waiting on a dead connection
+            self.authenticated.set()
+            self.on_closed()
+
+    def _loop(self) -> None:
+        sock = self.sock
+        recv = sock.recv
+        feed = self._decoder.feed
+        while True:
+            data = recv(READ_SIZE)
+            if not data:
+                if not self.closing:
+                    self.run_state.connection_errors.append(f"{self.user}: closed by the server")
+                return
+            frames = feed(data)
+            if frames:
+                out = self.on_frames(frames)
+                if out:
+                    sock.sendall(out)
+                    self.after_write()
+
+    def _auth_answer(self, obj) -> None:
+        if "error" in obj:
+            self.auth_error = obj["error"]
+        self.authenticated.set()
+
+    def close(self) -> None:
+        self.closing = True
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+    def on_frames(self, frames: list[bytes]) -> bytes | None:
+        raise NotImplementedError
+
+    def after_write(self) -> None:
+        pass
+
+    def on_closed(self) -> None:
+        pass
+
+
+class SenderConnection(Connection):
+    """Keeps ``window`` msg.send requests in flight; a new one as each is answered."""
+
+    def __init__(self, *args, recipient: str, window: int, quota: int | None):
+        super().__init__(*args)
+        self.recipient = recipient
+        self.window = window
+        self.quota = quota  # None: until the run stops
+        self.start = gevent.event.Event()
+        self.drained = gevent.event.Event()  # nothing in flight and nothing more to send
+        self.next_n = 0
+        self.in_flight = 0
+        self.ok = 0
+        self.ok_measured = 0
+        self.errors = 0
+        self._prefix = (
+            b'{"jsonrpc":"2.0","method":"msg.send","params":{"to":'
+            + _dumps(recipient)
+            + b',"message":{"n":'
+        )
+
+    def _loop(self) -> None:
+        # Authenticate first: the answer is the only frame that can arrive before we send.
+        sock = self.sock
+        while not self.authenticated.is_set():
+            data = sock.recv(READ_SIZE)
+            if not data:
+                raise ConnectionError("closed by the server during auth")
+            for frame in self._decoder.feed(data):
+                obj = _loads(frame)
+                if type(obj) is dict and obj.get("id") == "auth":
+                    self._auth_answer(obj)
+                else:
+                    self.run_state.error(f"{self.user} before auth", obj)
+        if self.auth_error is not None:
+            return
+        self.start.wait()
+        first = self._sends(self.window)
+        if first:
+            sock.sendall(first)
+        else:
+            self.drained.set()
+        super()._loop()
+
+    def _sends(self, count: int) -> bytes:
+        if self.run_state.stopping:
+            count = 0
+        elif self.quota is not None:
+            count = min(count, self.quota - self.next_n)
+        if count <= 0:
+            return b""
+        # One send time for the whole write: the requests leave together.
+        sent_at = repr(_now()).encode()
+        prefix = self._prefix
+        n = self.next_n
+        parts = []
+        append = parts.append
+        for i in range(n, n + count):
+            body = b'%s%d,"t":%s}},"id":%d}' % (prefix, i, sent_at, i)
+            append(_pack_header(len(body)))
+            append(body)
+        self.next_n = n + count
+        self.in_flight += count
+        return b"".join(parts)
+
+    def on_frames(self, frames):
+        answered = ok = 0
+        for frame in frames:
+            obj = _loads(frame)
+            items = obj if type(obj) is list else (obj,)
+            for item in items:
+                if "result" in item:
+                    answered += 1
+                    ok += 1
+                elif "error" in item:
+                    answered += 1 if item.get("id") is not None else 0
+                    self.errors += 1
+                    self.run_state.error(f"{self.user} msg.send", item)
+                else:
+                    self.run_state.error(f"{self.user} unexpected", item)
+        self.ok += ok
+        if self.run_state.measuring:
+            self.ok_measured += ok
+        self.in_flight -= answered
+        out = self._sends(answered)
+        if not out and self.in_flight <= 0:
+            self.drained.set()
+        return out
+
+    def on_closed(self) -> None:
+        self.drained.set()
+
+
+class RecipientConnection(Connection):
+    """ACKs every msg.recv (one write per read) and checks what arrives."""
+
+    def __init__(self, *args, sender: str):
+        super().__init__(*args)
+        self.sender = sender
+        self.latencies = array.array("d")
+        self.distinct = 0
+        self.measured = 0
+        self.duplicates = 0
+        self.out_of_order = 0
+        self.misaddressed = 0
+        self.last_n = -1
+        self._seen = bytearray(1024)  # by n: received already
+        self.expect: int | None = None  # distinct messages to wait for, once known
+        self.done = gevent.event.Event()
+        self.done_at = 0.0
+        self._to = self.user
+
+    def on_frames(self, frames):
+        now = _now()
+        measuring = self.run_state.measuring
+        latencies = self.latencies
+        acks = []
+        ack = acks.append
+        for frame in frames:
+            obj = _loads(frame)
+            items = obj if type(obj) is list else (obj,)
+            for item in items:
+                if item.get("method") != "msg.recv":
+                    if item.get("id") == "auth" and "method" not in item:
+                        self._auth_answer(item)
+                    elif "error" in item:
+                        self.run_state.error(f"{self.user} (recipient)", item)
+                    else:
+                        self.run_state.error(f"{self.user} unexpected", item)
+                    continue
+                params = item["params"]
+                if params["to"] != self._to or params["from"] != self.sender:
+                    self.misaddressed += 1
+                else:
+                    message = params["message"]
+                    n = message["n"]
+                    seen = self._seen
+                    if n >= len(seen):
+                        seen.extend(bytes(max(n + 1 - len(seen), len(seen))))
+                    if n > self.last_n:
+                        self.last_n = n
+                        seen[n] = 1
+                        self.distinct += 1
+                        if measuring:
+                            self.measured += 1
+                            latencies.append(now - message["t"])
+                    elif seen[n]:
+                        self.duplicates += 1
+                    else:
+                        self.out_of_order += 1
+                        seen[n] = 1
+                        self.distinct += 1
+                ack(b'{"jsonrpc":"2.0","result":"ACK","id":' + _dumps(item["id"]) + b"}")
+        if not acks:
+            return None
+        if len(acks) == 1:
+            body = acks[0]
+            return _pack_header(len(body)) + body
+        parts = []
+        for start in range(0, len(acks), ACK_BATCH):
+            body = b"[" + b",".join(acks[start:start + ACK_BATCH]) + b"]"
+            parts.append(_pack_header(len(body)))
+            parts.append(body)
+        return b"".join(parts)
+
+    def after_write(self) -> None:
+        if self.expect is not None and not self.done.is_set() and self.distinct >= self.expect:
+            self.done_at = _now()
+            self.done.set()
+
+    def set_expect(self, count: int) -> None:
+        self.expect = count
+        self.after_write()
+
+    def on_closed(self) -> None:
+        self.done.set()
+
+
+# -- the conductor -------------------------------------------------------------------
+
+
+def wait_all(events, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    for event in events:
+        if not event.wait(max(0.0, deadline - time.monotonic())):
+            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def check_auth(connections) -> None:
+    for connection in connections:
+        if connection.auth_error is not None:
+            raise BenchError(f"auth.jwt of {connection.user} failed: {connection.auth_error}")
+        if not connection.authenticated.is_set() or connection.sock is None:
+            raise BenchError(f"{connection.user} could not connect")
+
+
+def percentile_ms(sorted_values, q: float) -> float | None:
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))] * 1000
+
+
+def per_msg_us(seconds: float | None, count: int) -> float | None:
+    if seconds is None or not count:
+        return None
+    return seconds / count * 1e6
+
+
+class Bench:
+    def __init__(self, args, data_dir: Path, address, server_pid: int | None, server: ServerProcess | None):
+        self.args = args
+        self.data_dir = data_dir
+        self.address = address
+        self.server_pid = server_pid
+        self.server = server
+        self.run = Run()
+        self.group = Group()
+        tag = secrets.token_hex(3)  # fresh users each run, also against a long-running server
+        self.pairs = [(f"bench-{tag}-s{i}", f"bench-{tag}-r{i}") for i in range(args.pairs)]
+        self.ssl_context = ssl.create_default_context(cafile=str(data_dir / "ca.pem"))
+        self.senders: list[SenderConnection] = []
+        self.recipients: list[RecipientConnection] = []
+
+    def _open(self, connection: Connection) -> Connection:
+        greenlet = self.group.spawn(connection.main)
+        greenlet.link_exception(
+            lambda g, user=connection.user: self.run.connection_errors.append(f"{user}: crashed: {g.exception!r}")
+        )
+        return connection
+
+    def setup(self, quotas: list[int] | None) -> None:
+        users = [user for pair in self.pairs for user in pair]
+        tokens = mint_tokens(self.data_dir, users)
+        args = self.args
+        for i, (sender, recipient) in enumerate(self.pairs):
+            self.recipients.append(self._open(RecipientConnection(
+                self.run, recipient, tokens[recipient], self.ssl_context, self.address, sender=sender)))
+            self.senders.append(self._open(SenderConnection(
+                self.run, sender, tokens[sender], self.ssl_context, self.address,
+                recipient=recipient, window=args.window, quota=None if quotas is None else quotas[i])))
+        wait_all([c.connected for c in self.senders + self.recipients], 60, "TLS connections")
+
+    def authenticate(self, connections) -> None:
+        for connection in connections:
+            connection.go.set()
+        wait_all([c.authenticated for c in connections], 60, "auth.jwt answers")
+        check_auth(connections)
+
+    def finish_sending(self) -> None:
+        self.run.stopping = True
+        wait_all([s.drained for s in self.senders], 60, "the answers to the sends in flight")
+
+    def wait_delivered(self, timeout: float) -> None:
+        for sender, recipient in zip(self.senders, self.recipients):
+            recipient.set_expect(sender.ok)
+        deadline = time.monotonic() + timeout
+        for recipient in self.recipients:
+            recipient.done.wait(max(0.0, deadline - time.monotonic()))
+
+    def run_online(self) -> dict:
+        args = self.args
+        self.setup(quotas=None)
+        self.authenticate(self.recipients)  # online before the first send
+        self.authenticate(self.senders)
+        for sender in self.senders:
+            sender.start.set()
+        gevent.sleep(args.warmup)
+        meter = CpuMeter(self.server_pid)
+        self.run.measuring = True
+        meter.start()
+        gevent.sleep(args.duration)
+        self.run.measuring = False
+        meter.stop()
+        delivered = sum(r.measured for r in self.recipients)
+        sent = sum(s.ok_measured for s in self.senders)
+        rss = process_rss_mb(self.server_pid)
+        self.finish_sending()
+        self.wait_delivered(args.grace)
+        latencies = sorted(x for r in self.recipients for x in r.latencies)
+        result = {
+            "mode": "online",
+            "pairs": args.pairs,
+            "window": args.window,
+            "duration": round(meter.wall, 3),
+            "delivered": delivered,
+            "delivered_per_s": round(delivered / meter.wall, 1),
+            "sent_ok_per_s": round(sent / meter.wall, 1),
+            "p50_ms": _round(percentile_ms(latencies, 0.50), 3),
+            "p99_ms": _round(percentile_ms(latencies, 0.99), 3),
+            "max_ms": _round(latencies[-1] * 1000 if latencies else None, 3),
+        }
+        result.update(self._cpu_fields(meter, delivered, rss))
+        result.update(self._checks())
+        return result
+
+    def run_offline(self) -> dict:
+        args = self.args
+        base, extra = divmod(args.messages, args.pairs)
+        quotas = [base + (1 if i < extra else 0) for i in range(args.pairs)]
+        self.setup(quotas)
+        self.authenticate(self.senders)
+        fill = CpuMeter(self.server_pid)
+        fill.start()
+        for sender in self.senders:
+            sender.start.set()
+        wait_all([s.drained for s in self.senders], args.grace + args.messages / 100, "the sends to be answered")
+        fill.stop()
+        stored = sum(s.ok for s in self.senders)
+        for sender in self.senders:  # the drain measures the recipients' side alone
+            sender.close()
+        for sender, recipient in zip(self.senders, self.recipients):
+            recipient.set_expect(sender.ok)
+        drain = CpuMeter(self.server_pid)
+        drain.start()
+        self.authenticate(self.recipients)
+        deadline = time.monotonic() + args.grace + args.messages / 100
+        for recipient in self.recipients:
+            recipient.done.wait(max(0.0, deadline - time.monotonic()))
+        if all(r.done_at for r in self.recipients):
+            drained_at = max(r.done_at for r in self.recipients)
+        else:  # timed out or lost a connection: the checks below report what is missing
+            drained_at = _now()
+        drain_wall = drained_at - drain.started
+        # Until the server has applied the ACKs (its pending rows are gone), so the
+        # CPU counted is all the work the drain cost it.
+        retired = self._wait_retired(args.grace)
+        drain.stop()
+        rss = process_rss_mb(self.server_pid)
+        delivered = sum(r.distinct for r in self.recipients)
+        result = {
+            "mode": "offline",
+            "pairs": args.pairs,
+            "window": args.window,
+            "duration": round(drain_wall, 3),
+            "delivered": delivered,
+            "delivered_per_s": round(delivered / drain_wall, 1) if drain_wall > 0 else None,
+            "p50_ms": None,
+            "p99_ms": None,
+            "messages": args.messages,
+            "stored": stored,
+            "fill_s": round(fill.wall, 3),
+            "fill_per_s": round(stored / fill.wall, 1),
+            "fill_server_cpu_us_per_msg": _round(per_msg_us(fill.server, stored), 1),
+            "fill_bench_cpu_us_per_msg": _round(per_msg_us(fill.own, stored), 1),
+            "drain_s": round(drain_wall, 3),
+            "drain_per_s": round(delivered / drain_wall, 1) if drain_wall > 0 else None,
+            "server_pending_after_drain": retired,
+        }
+        result.update(self._cpu_fields(drain, delivered, rss))
+        result.update(self._checks())
+        return result
+
+    def _wait_retired(self, timeout: float) -> int | None:
+        users = [recipient for _, recipient in self.pairs]
+        deadline = time.monotonic() + timeout
+        left = None
+        while True:
+            try:
+                left = pending_count(self.data_dir, users)
+            except sqlite3.Error:
+                left = None
+            if left == 0 or time.monotonic() > deadline:
+                return left
+            gevent.sleep(0.05)
+
+    def _cpu_fields(self, meter: CpuMeter, delivered: int, rss) -> dict:
+        return {
+            "server_cpu_us_per_msg": _round(per_msg_us(meter.server, delivered), 1),
+            "server_cpu_cores": _round(None if meter.server is None else meter.server / meter.wall, 2),
+            "server_sys_us_per_msg": _round(per_msg_us(meter.server_sys, delivered), 1),
+            "bench_cpu_us_per_msg": _round(per_msg_us(meter.own, delivered), 1),
+            "bench_cpu_cores": round(meter.own / meter.wall, 2),
+            "server_rss_mb": _round(rss, 1),
+        }
+
+    def _checks(self) -> dict:
+        accepted = sum(s.ok for s in self.senders)
+        distinct = sum(r.distinct for r in self.recipients)
+        lost = sum(max(0, s.ok - r.distinct) for s, r in zip(self.senders, self.recipients))
+        return {
+            "sent_ok": accepted,
+            "received_distinct": distinct,
+            "send_errors": sum(s.errors for s in self.senders),
+            "rpc_errors": self.run.error_count,
+            "lost": lost,
+            "duplicates": sum(r.duplicates for r in self.recipients),
+            "out_of_order": sum(r.out_of_order for r in self.recipients),
+            "misaddressed": sum(r.misaddressed for r in self.recipients),
+            "connection_errors": len(self.run.connection_errors),
+        }
+
+    def close(self) -> None:
+        for connection in self.senders + self.recipients:
+            connection.close()
+        self.group.kill(timeout=5)
+
+
+def _round(value, digits):
+    return None if value is None else round(value, digits)
+
+
+# -- reporting -----------------------------------------------------------------------
+
+
+def summary(result: dict, run: Run) -> str:
+    def fmt(value, unit="", digits=1):
+        if value is None:
+            return "n/a"
+        return f"{value:,.{digits}f}{unit}" if isinstance(value, float) else f"{value:,}{unit}"
+
+    lines = [f"devastator bench: mode={result['mode']} pairs={result['pairs']} window={result['window']}"]
+    if result["mode"] == "online":
+        lines += [
+            f"  measured        {fmt(result['duration'], ' s', 2)}",
+            f"  delivered       {fmt(result['delivered'])} messages, {fmt(result['delivered_per_s'], '/s')}"
+            f" (sends answered {fmt(result['sent_ok_per_s'], '/s')})",
+            f"  latency         p50 {fmt(result['p50_ms'], ' ms', 2)}, p99 {fmt(result['p99_ms'], ' ms', 2)},"
+            f" max {fmt(result['max_ms'], ' ms', 2)}",
+        ]
+    else:
+        lines += [
+            f"  fill            {fmt(result['stored'])} stored in {fmt(result['fill_s'], ' s', 2)}:"
+            f" {fmt(result['fill_per_s'], '/s')}"
+            f" (server {fmt(result['fill_server_cpu_us_per_msg'], ' us/msg')},"
+            f" bench {fmt(result['fill_bench_cpu_us_per_msg'], ' us/msg')})",
+            f"  drain           {fmt(result['delivered'])} received and ACKed in {fmt(result['drain_s'], ' s', 2)}:"
+            f" {fmt(result['drain_per_s'], '/s')}",
+            f"  server pending  {fmt(result['server_pending_after_drain'])} rows left after the drain",
+        ]
+    lines += [
+        f"  server CPU      {fmt(result['server_cpu_us_per_msg'], ' us/msg')}"
+        f" (of which system {fmt(result['server_sys_us_per_msg'], ' us')};"
+        f" {fmt(result['server_cpu_cores'], ' cores', 2)}), RSS {fmt(result['server_rss_mb'], ' MB')}",
+        f"  bench CPU       {fmt(result['bench_cpu_us_per_msg'], ' us/msg')}"
+        f" ({fmt(result['bench_cpu_cores'], ' cores', 2)})",
+        f"  checks          sent ok {fmt(result['sent_ok'])}, received {fmt(result['received_distinct'])},"
+        f" lost {result['lost']}, duplicates {result['duplicates']}, out of order {result['out_of_order']},"
+        f" misaddressed {result['misaddressed']}, RPC errors {result['rpc_errors']},"
+        f" connection errors {result['connection_errors']}",
+    ]
+    for where, obj in run.errors:
+        lines.append(f"  error           {where}: {_dumps(obj).decode()[:300]}")
+    for problem in run.connection_errors[:ERRORS_KEPT]:
+        lines.append(f"  connection      {problem}")
+    return "\n".join(lines)
+
+
+def failed(result: dict) -> bool:
+    # Lost in online mode too: after the grace period everything accepted must
+    # have reached its online recipient.
+    return bool(
+        result["rpc_errors"] or result["lost"] or result["out_of_order"] or result["misaddressed"]
+        or result["connection_errors"]
+    )
+
+
+# -- entry point -----------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Benchmark a Devastator server over TLS.")
+    parser.add_argument("--mode", choices=("online", "offline"), default="online")
+    parser.add_argument("--pairs", type=int, default=20, help="sender/recipient pairs (20)")
+    parser.add_argument("--window", type=int, default=50, help="msg.send in flight per sender (50)")
+    parser.add_argument("--duration", type=float, default=10.0, help="online: measured seconds (10)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="online: seconds before measuring (2)")
+    parser.add_argument("--messages", type=int, default=50000, help="offline: messages in all (50000)")
+    parser.add_argument("--grace", type=float, default=30.0,
+                        help="seconds to wait for the last answers and deliveries (30)")
+    parser.add_argument("--json", action="store_true", help="also print one JSON line of results")
+    parser.add_argument("--host", default="127.0.0.1", help="address of the server (127.0.0.1)")
+    parser.add_argument("--keep-data", action="store_true", help="keep the temporary data dir and server log")
+    existing = parser.add_argument_group("an already running server (instead of starting one)")
+    existing.add_argument("--server-data-dir", type=Path, help="its data dir (ca.pem, jwt-keys.json, db)")
+    existing.add_argument("--tls-port", type=int, help="its TLS port")
+    existing.add_argument("--server-pid", type=int, help="its pid, to measure its CPU and RSS")
+    args = parser.parse_args(argv)
+    if args.pairs < 1 or args.window < 1 or args.duration <= 0 or args.warmup < 0:
+        parser.error("--pairs and --window must be at least 1, --duration positive, --warmup not negative")
+    if args.mode == "offline" and args.messages < args.pairs:
+        parser.error("--messages must be at least --pairs")
+    if (args.server_data_dir is None) != (args.tls_port is None):
+        parser.error("--server-data-dir and --tls-port go together")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    main_greenlet = gevent.getcurrent()
+    gevent.signal_handler(signal.SIGTERM, lambda: main_greenlet.throw(SystemExit(128 + signal.SIGTERM)))
+    # Ctrl-C still reaches the main greenlet; the hub need not print a traceback for it.
+    hub = gevent.get_hub()
+    hub.NOT_ERROR = (*hub.NOT_ERROR, KeyboardInterrupt)
+    server = None
+    tmp_dir = None
+    bench = None
+    status = 1
+    try:
+        if args.server_data_dir is not None:
+            data_dir, server_pid = args.server_data_dir, args.server_pid
+            address = (args.host, args.tls_port)
+        else:
+            tmp_dir = Path(tempfile.mkdtemp(prefix="devastator-bench-"))
+            server = ServerProcess(tmp_dir, args.host)
+            server.start()
+            data_dir, server_pid = tmp_dir, server.pid
+            address = (args.host, server.tls_port)
+            print(f"bench: server pid {server.pid} on TLS port {server.tls_port}, data {tmp_dir}", file=sys.stderr)
+        bench = Bench(args, data_dir, address, server_pid, server)
+        result = bench.run_online() if args.mode == "online" else bench.run_offline()
+        if server is not None and not server.alive():
+            bench.run.connection_errors.append("the server process died")
+            result["connection_errors"] += 1
+        print(summary(result, bench.run))
+        if args.json:
+            print(_dumps(result).decode())
+        status = 1 if failed(result) else 0
+    except BenchError as error:
+        print(f"bench: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        status = 130
+    except SystemExit as stop:
+        print("bench: terminated", file=sys.stderr)
+        status = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        if bench is not None:
+            bench.close()
+        if server is not None:
+            code = server.stop()
+            if code not in (0, None):
+                print(f"bench: the server exited with status {code}; log tail:\n{server.log_tail()}",
+                      file=sys.stderr)
+                status = status or 1
+        if tmp_dir is not None:
+            if args.keep_data or status == 1:
+                print(f"bench: data and server log kept in {tmp_dir}", file=sys.stderr)
+            else:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
