@@ -89,6 +89,11 @@ def _text_frames(bodies: Iterable[bytes]) -> bytes:
     )
 
 
+class _WebSocketHandler(WebSocketHandler):
+    def log_request(self) -> None:
+        """No access log: a line per request is telemetry, not an actionable event."""
+
+
 class HttpTransport:
     def __init__(
         self,
@@ -115,7 +120,7 @@ class HttpTransport:
         self._server = WSGIServer(
             (host, port),
             self._app,
-            handler_class=WebSocketHandler,
+            handler_class=_WebSocketHandler,
             spawn=Pool(max_connections),
             log=None,
             error_log=log,
