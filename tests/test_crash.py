@@ -1,5 +1,4 @@
 """Nothing answered to a sender is lost when the server is killed (a real subprocess)."""
-import os
 import signal
 import socket
 import subprocess

@@ -219,7 +219,7 @@ class DeviceActor(pykka.ThreadingActor):
             self._user_ref.tell(Acked(self.device, self.actor_ref, tuple(acked)))
 
     def _handle(self, item, batch: _BatchReply | None, acked: list[str]) -> None:
-        if isinstance(item, Request) or isinstance(item, Notification):
+        if isinstance(item, (Request, Notification)):
             request_id = item.id if isinstance(item, Request) else None
             notification = isinstance(item, Notification)
             try:

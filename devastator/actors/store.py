@@ -126,7 +126,7 @@ class StoreActor(pykka.ThreadingActor):
         # One tell per recipient actor per commit, in acceptance order.
         results: dict[pykka.ActorRef, list[SendResult]] = defaultdict(list)
         committed: dict[pykka.ActorRef, list] = defaultdict(list)
-        for request, outcome in zip(requests, outcomes):
+        for request, outcome in zip(requests, outcomes, strict=True):
             if isinstance(request, Append):
                 result, messages = outcome
                 results[request.reply_to].append(result)

@@ -13,15 +13,16 @@ import struct
 from typing import Callable, Iterable, Mapping
 
 import pykka
-from gevent.pool import Group, Pool
+from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.exceptions import WebSocketError
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import Header, WebSocket
 
-from ..actors.messages import ConnectionLost, Received
+from ..actors.messages import Received
 from ..protocol import ErrorResponse, encode
 from ..protocol.errors import RpcError, TooLarge
+from .endpoint import Endpoint
 from .outbound import OutboundQueue
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,9 @@ class _WebSocketHandler(WebSocketHandler):
         """No access log: a line per request is telemetry, not an actionable event."""
 
 
-class HttpTransport:
+class HttpTransport(Endpoint):
+    name = "HTTP/WebSocket endpoint"
+
     def __init__(
         self,
         *,
@@ -108,14 +111,11 @@ class HttpTransport:
         ssl_context: ssl.SSLContext | None = None,
         routes: Mapping[str, Route] | None = None,
     ):
-        self._new_device = new_device
+        super().__init__(new_device=new_device, max_outbound_bytes=max_outbound_bytes)
         self._max_frame_bytes = max_frame_bytes
-        self._max_outbound_bytes = max_outbound_bytes
         self._read_timeout = read_timeout
         self._routes = dict(routes or {})
         self._routes.setdefault("/healthz", ("application/json", lambda: b'{"status":"ok"}'))
-        self._writers = Group()
-        self._connections: set[OutboundQueue] = set()
         kwargs = {"ssl_context": ssl_context} if ssl_context is not None else {}
         self._server = WSGIServer(
             (host, port),
@@ -126,25 +126,6 @@ class HttpTransport:
             error_log=log,
             **kwargs,
         )
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self._server.address[:2]
-
-    @property
-    def connection_count(self) -> int:
-        return len(self._connections)
-
-    def start(self) -> None:
-        self._server.start()
-        log.info("HTTP/WebSocket endpoint listening on %s:%d", *self.address)
-
-    def stop(self, timeout: float) -> None:
-        self._server.close()
-        for outbound in list(self._connections):
-            outbound.close()
-        self._server.stop(timeout=timeout)
-        self._writers.kill(timeout=timeout)
 
     def _app(self, environ, start_response):
         path = environ.get("PATH_INFO", "")
@@ -176,20 +157,7 @@ class HttpTransport:
             max_bytes=self._max_outbound_bytes,
             remote=remote,
         )
-        self._connections.add(outbound)
-        writer = self._writers.spawn(outbound.run)
-        device = self._new_device(outbound)
-        reason = "closed by peer"
-        try:
-            reason = self._read(ws, device, outbound)
-        finally:
-            self._connections.discard(outbound)
-            try:
-                device.tell(ConnectionLost(reason))
-            except pykka.ActorDeadError:
-                pass
-            outbound.close()
-            writer.join(timeout=10)
+        self._serve(outbound, lambda device: self._read(ws, device, outbound))
 
     def _read(self, ws: WebSocket, device: pykka.ActorRef, outbound: OutboundQueue) -> str:
         while not outbound.closing:

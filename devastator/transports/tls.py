@@ -11,15 +11,15 @@ import socket
 import ssl
 from typing import Callable
 
-import gevent
 import pykka
-from gevent.pool import Group, Pool
+from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from ..actors.messages import ConnectionLost, Received
+from ..actors.messages import Received
 from ..pki import client_identity
 from ..protocol import ErrorResponse, FrameDecoder, encode, encode_frames
 from ..protocol.errors import RpcError
+from .endpoint import Endpoint
 from .outbound import OutboundQueue
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 READ_SIZE = 65536
 
 
-class TlsTransport:
+class TlsTransport(Endpoint):
+    name = "TLS endpoint"
+
     def __init__(
         self,
         *,
@@ -41,34 +43,12 @@ class TlsTransport:
         read_timeout: float,
         handshake_timeout: float = 10.0,
     ):
+        super().__init__(new_device=new_device, max_outbound_bytes=max_outbound_bytes)
         self._ssl_context = ssl_context
-        self._new_device = new_device
         self._max_frame_bytes = max_frame_bytes
-        self._max_outbound_bytes = max_outbound_bytes
         self._read_timeout = read_timeout
         self._handshake_timeout = handshake_timeout
-        self._writers = Group()
-        self._connections: set[OutboundQueue] = set()
         self._server = StreamServer((host, port), self._handle, spawn=Pool(max_connections))
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self._server.address[:2]
-
-    @property
-    def connection_count(self) -> int:
-        return len(self._connections)
-
-    def start(self) -> None:
-        self._server.start()
-        log.info("TLS endpoint listening on %s:%d", *self.address)
-
-    def stop(self, timeout: float) -> None:
-        self._server.close()  # no new connections
-        for outbound in list(self._connections):
-            outbound.close()
-        self._server.stop(timeout=timeout)
-        self._writers.kill(timeout=timeout)
 
     def _handle(self, raw: socket.socket, address) -> None:
         remote = f"{address[0]}:{address[1]}"
@@ -87,20 +67,9 @@ class TlsTransport:
             remote=remote,
             peer_identity=client_identity(conn.getpeercert(binary_form=True)),
         )
-        self._connections.add(outbound)
-        writer = self._writers.spawn(outbound.run)
-        device = self._new_device(outbound)
-        reason = "closed by peer"
         try:
-            reason = self._read(conn, device, outbound)
+            self._serve(outbound, lambda device: self._read(conn, device, outbound))
         finally:
-            self._connections.discard(outbound)
-            try:
-                device.tell(ConnectionLost(reason))
-            except pykka.ActorDeadError:
-                pass
-            outbound.close()
-            writer.join(timeout=self._handshake_timeout)
             conn.close()
 
     def _read(self, conn, device: pykka.ActorRef, outbound: OutboundQueue) -> str:

@@ -1,0 +1,69 @@
+"""What both endpoints share: their listener, live connections and writer greenlets.
+
+A connection's life is the same on either endpoint: a bounded outbound queue
+with its writer greenlet, a device actor, a read loop; when the loop ends the
+device actor is told why, and what was queued is written before the socket
+shuts.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import pykka
+from gevent.baseserver import BaseServer
+from gevent.pool import Group
+
+from ..actors.messages import ConnectionLost
+from .outbound import OutboundQueue
+
+log = logging.getLogger(__name__)
+
+WRITER_DRAIN_SECONDS = 10.0
+
+
+class Endpoint:
+    name = "endpoint"
+
+    def __init__(self, *, new_device: Callable[[OutboundQueue], pykka.ActorRef], max_outbound_bytes: int):
+        self._new_device = new_device
+        self._max_outbound_bytes = max_outbound_bytes
+        self._writers = Group()
+        self._connections: set[OutboundQueue] = set()
+        self._server: BaseServer  # set by the subclass
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._server.address[:2]
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    def start(self) -> None:
+        self._server.start()
+        log.info("%s listening on %s:%d", self.name, *self.address)
+
+    def stop(self, timeout: float) -> None:
+        self._server.close()  # no new connections
+        for outbound in list(self._connections):
+            outbound.close()
+        self._server.stop(timeout=timeout)
+        self._writers.kill(timeout=timeout)
+
+    def _serve(self, outbound: OutboundQueue, read: Callable[[pykka.ActorRef], str]) -> None:
+        """Run one connection: ``read(device)`` loops until the end and says why it ended."""
+        self._connections.add(outbound)
+        writer = self._writers.spawn(outbound.run)
+        device = self._new_device(outbound)
+        reason = "closed by peer"
+        try:
+            reason = read(device)
+        finally:
+            self._connections.discard(outbound)
+            try:
+                device.tell(ConnectionLost(reason))
+            except pykka.ActorDeadError:
+                pass  # it stopped on its own (the server is stopping)
+            outbound.close()
+            writer.join(timeout=WRITER_DRAIN_SECONDS)
