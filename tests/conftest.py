@@ -102,3 +102,20 @@ def running(settings):
     yield running
     running.close_clients()
     running.server.stop()
+
+
+@pytest.fixture
+def servers(settings):
+    """Start servers with other settings (or another store); stops them after the test."""
+    started: list[RunningServer] = []
+
+    def start(store=None, **changes) -> RunningServer:
+        kwargs = {"store": store} if store is not None else {}
+        running = start_server(settings.replace(**changes), **kwargs)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.close_clients()
+        running.server.stop()

@@ -1,51 +1,17 @@
 """Delivery guarantees over real TLS (PROTOCOL.md sections 5 and 6)."""
-import socket
-import ssl
 import time
 
 import gevent
-import orjson
 import pytest
 
-from conftest import start_server
 from devastator.actors.messages import Inspect
-from devastator.protocol import FrameDecoder, encode_frames
-
-
-class RawTls:
-    """A bare framed TLS connection, to see exactly what the server writes."""
-
-    def __init__(self, running):
-        context = ssl.create_default_context(cafile=str(running.ca))
-        raw = socket.create_connection(running.tls_address, timeout=5)
-        self.sock = context.wrap_socket(raw, server_hostname="localhost")
-        self.decoder = FrameDecoder()
-        self.values = []
-
-    def send(self, *values) -> None:
-        self.sock.sendall(encode_frames([orjson.dumps(v) for v in values]))
-
-    def next(self, timeout: float = 5.0):
-        deadline = time.monotonic() + timeout
-        while not self.values:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("closed")
-            self.values.extend(orjson.loads(body) for body in self.decoder.feed(data))
-        return self.values.pop(0)
-
-    def close(self) -> None:
-        self.sock.close()
+from wire import RawTls
 
 
 @pytest.fixture
-def quick(settings):
+def quick(servers):
     """A server whose ACK timeout is short enough to watch a redelivery."""
-    running = start_server(settings.replace(ack_timeout=0.5))
-    yield running
-    running.close_clients()
-    running.server.stop()
+    return servers(ack_timeout=0.5)
 
 
 def test_online_delivery_with_ack(running):
@@ -98,18 +64,19 @@ def test_offline_messages_arrive_as_one_batch_right_after_auth(running):
     token = running.token("bob")
     ids = [alice.send("bob", {"n": n})["id"] for n in range(150)]
     raw = RawTls(running)
-    raw.send({"jsonrpc": "2.0", "method": "auth.jwt", "params": {"token": token}, "id": "a"})
-    assert raw.next() == {"jsonrpc": "2.0", "id": "a", "result": {"user": "bob", "device": "default", "pending": 150}}
-    first, second = raw.next(), raw.next()
+    raw.send_value({"jsonrpc": "2.0", "method": "auth.jwt", "params": {"token": token}, "id": "a"})
+    assert raw.read_one() == {
+        "jsonrpc": "2.0", "id": "a", "result": {"user": "bob", "device": "default", "pending": 150}
+    }
+    first, second = raw.read(2)
     assert isinstance(first, list) and isinstance(second, list)
     assert [len(first), len(second)] == [100, 50]  # chunks of at most 100
     requests = first + second
     assert [r["id"] for r in requests] == ids
     assert all(r["method"] == "msg.recv" and r["jsonrpc"] == "2.0" for r in requests)
     assert [r["params"]["message"]["n"] for r in requests] == list(range(150))
-    raw.send([{"jsonrpc": "2.0", "id": r["id"], "result": "ACK"} for r in requests])
-    raw.send({"jsonrpc": "2.0", "method": "ping", "id": 1})
-    assert raw.next() == {"jsonrpc": "2.0", "id": 1, "result": "pong"}
+    raw.send_value([{"jsonrpc": "2.0", "id": r["id"], "result": "ACK"} for r in requests])
+    assert raw.call("ping", id=1) == {"jsonrpc": "2.0", "id": 1, "result": "pong"}
     raw.close()
     again = running.tls_client()
     assert again.auth_jwt(running.token("bob"))["pending"] == 0
@@ -258,35 +225,27 @@ def test_the_same_device_connecting_again_replaces_the_old_connection(running):
     assert new.receive(timeout=5)["id"] == sent["id"]
 
 
-def test_idle_connections_are_closed_and_ping_keeps_them(settings):
-    running = start_server(settings.replace(read_timeout=0.6))
-    try:
-        idle = running.tls_client()
-        busy = running.tls_client()
-        for _ in range(4):
-            gevent.sleep(0.3)
-            assert busy.ping() == "pong"
-        assert idle.closed.wait(2)
-        assert not busy.closed.is_set()
-    finally:
-        running.close_clients()
-        running.server.stop()
+def test_idle_connections_are_closed_and_ping_keeps_them(servers):
+    running = servers(read_timeout=0.6)
+    idle = running.tls_client()
+    busy = running.tls_client()
+    for _ in range(4):
+        gevent.sleep(0.3)
+        assert busy.ping() == "pong"
+    assert idle.closed.wait(2)
+    assert not busy.closed.is_set()
 
 
-def test_user_actors_stop_when_idle_and_come_back(settings):
-    running = start_server(settings.replace(user_idle_timeout=0.2))
-    try:
-        bob = running.connect("bob")
-        bob.close()
-        router = running.server.router_ref
-        deadline = time.monotonic() + 5
-        while "bob" in router.ask(Inspect()):
-            assert time.monotonic() < deadline
-            gevent.sleep(0.05)
-        alice = running.connect("alice")
-        alice.send("bob", "after idle")
-        bob = running.connect("bob")
-        assert bob.receive(timeout=5)["message"] == "after idle"
-    finally:
-        running.close_clients()
-        running.server.stop()
+def test_user_actors_stop_when_idle_and_come_back(servers):
+    running = servers(user_idle_timeout=0.2)
+    bob = running.connect("bob")
+    bob.close()
+    router = running.server.router_ref
+    deadline = time.monotonic() + 5
+    while "bob" in router.ask(Inspect()):
+        assert time.monotonic() < deadline
+        gevent.sleep(0.05)
+    alice = running.connect("alice")
+    alice.send("bob", "after idle")
+    bob = running.connect("bob")
+    assert bob.receive(timeout=5)["message"] == "after idle"

@@ -12,7 +12,8 @@ import json
 import pytest
 import websocket
 
-from conftest import RunningServer, start_server
+from conftest import RunningServer
+from wire import assert_error
 from devastator.protocol.errors import INVALID_REQUEST, PARSE_ERROR, TOO_LARGE
 
 READ_TIMEOUT = 5.0
@@ -68,32 +69,11 @@ class RawWs:
         self.ws.close()
 
 
-def assert_error(answer, code: int, id) -> None:
-    assert isinstance(answer, dict), answer
-    assert answer.get("jsonrpc") == "2.0" and "id" in answer and answer["id"] == id, answer
-    assert "result" not in answer and answer["error"]["code"] == code, answer
-
-
 @pytest.fixture
 def raw_ws(running):
     connection = RawWs(running)
     yield connection
     connection.close()
-
-
-@pytest.fixture
-def servers(settings):
-    started: list[RunningServer] = []
-
-    def start(**changes) -> RunningServer:
-        running = start_server(settings.replace(**changes))
-        started.append(running)
-        return running
-
-    yield start
-    for running in started:
-        running.close_clients()
-        running.server.stop()
 
 
 def assert_serving(running: RunningServer) -> None:
