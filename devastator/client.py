@@ -174,11 +174,14 @@ class Client:
         return cls(connect, **kwargs)
 
     @classmethod
-    def connect_ws(cls, url: str, **kwargs) -> Client:
+    def connect_ws(cls, url: str, *, ca: str | Path | None = None, **kwargs) -> Client:
+        """``ws://`` or, trusting ``ca``, ``wss://`` (the server's ``ws_tls`` setting)."""
         import websocket
 
+        sslopt = {"ca_certs": str(ca)} if ca else None
+
         def connect():
-            ws = websocket.create_connection(url, timeout=kwargs.get("timeout", 10.0))
+            ws = websocket.create_connection(url, timeout=kwargs.get("timeout", 10.0), sslopt=sslopt)
             ws.settimeout(None)
             return _WebSocketStream(ws)
 

@@ -13,6 +13,7 @@ import pytest
 import websocket
 
 from conftest import RunningServer
+from devastator.client import Client
 from wire import assert_error
 from devastator.protocol.errors import INVALID_REQUEST, PARSE_ERROR, TOO_LARGE
 
@@ -259,3 +260,18 @@ def test_offline_messages_arrive_as_one_batch_after_auth(running):
     finally:
         again.close()
 
+
+
+def test_wss_when_tls_is_turned_on(servers):
+    running = servers(ws_tls=True)
+    host, port = running.http_address
+    browser = Client.connect_ws(f"wss://localhost:{port}/ws", ca=running.ca)
+    try:
+        assert browser.auth_jwt(running.token("browser"))["user"] == "browser"
+        phone = running.connect("phone-user")
+        sent = phone.send("browser", {"over": "wss"})
+        assert browser.receive(timeout=READ_TIMEOUT)["id"] == sent["id"]
+    finally:
+        browser.close()
+    with pytest.raises((ConnectionError, websocket.WebSocketException)):  # no plain ws:// on a TLS port
+        websocket.create_connection(f"ws://{host}:{port}/ws", timeout=2).recv()

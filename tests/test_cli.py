@@ -1,0 +1,78 @@
+"""bin/devastator and python -m devastator as an operator uses them (real subprocesses)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import jwt
+import pytest
+
+from devastator.auth import JwtAuthority
+from devastator.secrets import ensure_jwt_keys
+
+ROOT = Path(__file__).resolve().parent.parent
+DEVASTATOR = [sys.executable, str(ROOT / "bin" / "devastator")]
+
+
+def run(*args, env=None, check=True) -> subprocess.CompletedProcess:
+    return subprocess.run([*DEVASTATOR, *args], capture_output=True, text=True, timeout=30, check=check, env=env)
+
+
+def test_token_creates_the_user_and_prints_a_jwt_last(tmp_path):
+    data = tmp_path / "data"
+    out = run("token", "alice", "--device", "phone", "--data-dir", str(data), "--ttl", "120").stdout
+    token = out.strip().splitlines()[-1]
+    assert JwtAuthority(ensure_jwt_keys(data)).verify(token) == ("alice", "phone")
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == 120
+    listing = run("user", "list", "--data-dir", str(data)).stdout
+    assert listing.splitlines() == ["alice\tphone"]
+
+
+def test_user_add_and_list(tmp_path):
+    data = str(tmp_path / "data")
+    assert run("user", "add", "bob", "--data-dir", data).stdout.strip() == "created: bob"
+    assert run("user", "add", "bob", "--data-dir", data).stdout.strip() == "exists: bob"
+    run("token", "alice", "--data-dir", data)
+    assert run("user", "list", "--data-dir", data).stdout.splitlines() == ["alice\tdefault", "bob\t"]
+
+
+@pytest.mark.parametrize("user", ["", "no spaces", "x" * 65, "ünïcode"])
+def test_invalid_user_ids_are_refused(tmp_path, user):
+    result = run("token", user, "--data-dir", str(tmp_path / "data"), check=False)
+    assert result.returncode == 2 and "invalid user id" in result.stderr
+
+
+def test_python_dash_m_works_too(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "devastator", "token", "carol", "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=30, check=True, cwd=ROOT,
+    ).stdout
+    assert out.strip().splitlines()[-1].count(".") == 2
+
+
+def test_a_bad_setting_is_named(tmp_path):
+    result = run("--data-dir", str(tmp_path / "data"), "--tls-port", "99999", check=False)
+    assert result.returncode == 2
+    assert "tls_port" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_bad_environment_setting_is_named(tmp_path):
+    import os
+
+    env = dict(os.environ, DEVASTATOR_ACK_TIMEOUT="soon")
+    result = run("--data-dir", str(tmp_path / "data"), env=env, check=False)
+    assert result.returncode == 2
+    assert "ack_timeout" in result.stderr and "DEVASTATOR_ACK_TIMEOUT" in result.stderr
+
+
+def test_a_config_file_with_an_unknown_key_is_named(tmp_path):
+    config = tmp_path / "devastator.toml"
+    config.write_text('tls_prot = 4000\n')
+    result = run("--config", str(config), "--data-dir", str(tmp_path / "data"), check=False)
+    assert result.returncode == 2 and "tls_prot" in result.stderr
+
+
+def test_help_lists_the_commands():
+    out = run("--help").stdout
+    for command in ("serve", "token", "user"):
+        assert command in out
