@@ -56,6 +56,8 @@ class Server:
                 store=store_ref,
                 ack_timeout=settings.ack_timeout,
                 delivery_window=settings.delivery_window,
+                # A quarter: even resent twice over, a window stays within the outbound bound.
+                delivery_window_bytes=settings.max_outbound_bytes // 4,
             ),
             user_idle_timeout=settings.user_idle_timeout,
         )

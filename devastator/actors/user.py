@@ -1,7 +1,8 @@
 """The user actor: one user's mailbox while any of its devices is online.
 
 For each device online it keeps the deliveries in flight (sent, not yet ACKed)
-up to a window, and a cursor: the highest ``seq`` handed to that device. What
+up to a window (in messages and in bytes), and a cursor: the highest ``seq``
+handed to that device. What
 lies beyond the cursor is read from the store page by page; a live message is
 sent at once only when the device has caught up with the store, so that every
 device gets its messages in acceptance order. Unacked deliveries are sent again
@@ -52,6 +53,7 @@ class _DeviceSlot:
     caught_up: bool = False  # nothing waits in the store beyond the cursor
     stale: bool = False  # a message was committed while a page was loading
     inflight: dict[str, _InFlight] = field(default_factory=dict)
+    inflight_bytes: int = 0
 
 
 class UserActor(pykka.ThreadingActor):
@@ -62,6 +64,7 @@ class UserActor(pykka.ThreadingActor):
         store: pykka.ActorRef,
         ack_timeout: float,
         delivery_window: int,
+        delivery_window_bytes: int = 2 << 20,
         clock=time.monotonic,
         wall_clock_ms=lambda: int(time.time() * 1000),
     ):
@@ -70,8 +73,13 @@ class UserActor(pykka.ThreadingActor):
         self._store = store
         self._ack_timeout = ack_timeout
         self._window = delivery_window
+        # The byte bound keeps a backlog of big messages within what a
+        # connection may have unsent (max_outbound_bytes), so that reading it
+        # is never mistaken for a slow consumer.
+        self._window_bytes = delivery_window_bytes
         # Refill only once a quarter of the window is free: fewer, fuller pages.
         self._refill_at = max(1, delivery_window // 4)
+        self._refill_at_bytes = delivery_window_bytes // 4
         self._clock = clock
         self._wall_clock_ms = wall_clock_ms
         self._devices: dict[str, _DeviceSlot] = {}
@@ -143,12 +151,11 @@ class UserActor(pykka.ThreadingActor):
         if loaded.failed:
             return  # the next tick tries again
         fresh = [m for m in loaded.messages if m.seq > slot.cursor]
-        if fresh:
-            self._send(loaded.device, slot, fresh, as_batch=True)
-            if loaded.device not in self._devices:
-                return
-        slot.caught_up = loaded.complete and not slot.stale
-        if not slot.caught_up and self._window - len(slot.inflight) >= self._refill_at:
+        sent_all = self._send(loaded.device, slot, fresh, as_batch=True)
+        if loaded.device not in self._devices:
+            return
+        slot.caught_up = loaded.complete and sent_all and not slot.stale
+        if not slot.caught_up and self._has_room(slot):
             self._load(loaded.device, slot)
 
     # -- live traffic ------------------------------------------------------------
@@ -163,31 +170,48 @@ class UserActor(pykka.ThreadingActor):
             if not slot.caught_up:
                 continue  # they wait in the store behind the cursor
             fresh = [m for m in committed.messages if m.seq > slot.cursor]
-            room = self._window - len(slot.inflight)
-            if len(fresh) > room:
-                fresh = fresh[:room]
-                slot.caught_up = False
-            if fresh:
-                self._send(device, slot, fresh, as_batch=False)
+            if not self._send(device, slot, fresh, as_batch=False):
+                slot.caught_up = False  # the rest waits in the store behind the cursor
 
     def _on_acked(self, acked: Acked) -> None:
         slot = self._devices.get(acked.device)
         if slot is None:
             return
         inflight = slot.inflight
-        seqs = tuple(inflight.pop(message_id).message.seq for message_id in acked.ids if message_id in inflight)
-        if not seqs:
+        done = [inflight.pop(message_id) for message_id in acked.ids if message_id in inflight]
+        if not done:
             return
-        self._store.tell(Ack(self.user, acked.device, seqs))
-        if not slot.caught_up and self._window - len(inflight) >= self._refill_at:
+        slot.inflight_bytes -= sum(_cost(flight.message) for flight in done)
+        self._store.tell(Ack(self.user, acked.device, tuple(flight.message.seq for flight in done)))
+        if not slot.caught_up and self._has_room(slot):
             self._load(acked.device, slot)
 
-    def _send(self, device: str, slot: _DeviceSlot, messages: list[StoredMessage], *, as_batch: bool) -> None:
-        now = self._clock()
-        for message in messages:
-            slot.inflight[message.id] = _InFlight(message, now)
-        slot.cursor = messages[-1].seq
-        self._tell_device(device, slot, Deliver(tuple(messages), as_batch=as_batch))
+    def _send(self, device: str, slot: _DeviceSlot, messages: list[StoredMessage], *, as_batch: bool) -> bool:
+        """Hand the device what fits in its window; False if some did not fit."""
+        count_room = self._window - len(slot.inflight)
+        byte_room = self._window_bytes - slot.inflight_bytes
+        taken = 0
+        for message in messages[:count_room]:
+            cost = _cost(message)
+            if cost > byte_room and (taken or slot.inflight):
+                break  # one message always fits an empty window, however big
+            byte_room -= cost
+            taken += 1
+        if taken:
+            now = self._clock()
+            sending = messages[:taken]
+            for message in sending:
+                slot.inflight[message.id] = _InFlight(message, now)
+            slot.inflight_bytes = self._window_bytes - byte_room
+            slot.cursor = sending[-1].seq
+            self._tell_device(device, slot, Deliver(tuple(sending), as_batch=as_batch))
+        return taken == len(messages)
+
+    def _has_room(self, slot: _DeviceSlot) -> bool:
+        return (
+            self._window - len(slot.inflight) >= self._refill_at
+            and self._window_bytes - slot.inflight_bytes >= self._refill_at_bytes
+        )
 
     def _tell_device(self, device: str, slot: _DeviceSlot, message) -> None:
         if not _tell(slot.ref, message):
@@ -205,7 +229,7 @@ class UserActor(pykka.ThreadingActor):
                 continue
             expired = [mid for mid, flight in slot.inflight.items() if flight.message.expires <= now_ms]
             for message_id in expired:
-                del slot.inflight[message_id]  # the store's purge retires it
+                slot.inflight_bytes -= _cost(slot.inflight.pop(message_id).message)  # purged by the store
             overdue = [flight for flight in slot.inflight.values() if flight.sent_at <= deadline]
             if overdue:
                 for flight in overdue:
@@ -231,6 +255,14 @@ class UserActor(pykka.ThreadingActor):
                 for device, slot in self._devices.items()
             },
         }
+
+
+# What a delivery adds to a connection's output: the message and its msg.recv envelope.
+ENVELOPE_BYTES = 200
+
+
+def _cost(message: StoredMessage) -> int:
+    return len(message.message_json) + ENVELOPE_BYTES
 
 
 def _tell(ref: pykka.ActorRef, message) -> bool:

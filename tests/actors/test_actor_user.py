@@ -76,10 +76,10 @@ def wall():
 def make_user(store, clock, wall):
     """A user actor for alice, built but not started."""
 
-    def make(*, window: int = 100, ack_timeout: float = 30.0) -> UserActor:
+    def make(*, window: int = 100, window_bytes: int = 1 << 20, ack_timeout: float = 30.0) -> UserActor:
         return UserActor(
             user="alice", store=store.ref, ack_timeout=ack_timeout, delivery_window=window,
-            clock=clock, wall_clock_ms=wall,
+            delivery_window_bytes=window_bytes, clock=clock, wall_clock_ms=wall,
         )
 
     return make
@@ -274,6 +274,32 @@ def test_live_messages_beyond_the_window_are_left_to_the_next_page(make_user, st
 
     user.on_receive(Acked("phone", phone.ref, ids(page(1, 1))))
     assert store.drain() == [Ack("alice", "phone", (1,)), LoadPending("alice", "phone", 4, 1, user.actor_ref)]
+
+
+def big(seq: int, size: int) -> StoredMessage:
+    return StoredMessage(seq, f"m{seq:04d}", "bob", "alice", b'"' + b"x" * size + b'"', 1_000 + seq, FAR)
+
+
+def test_the_window_in_bytes_bounds_a_backlog_of_big_messages(make_user, store):
+    # 1,000-byte messages (1,200 with their envelope) in a 2,500-byte window: two at a time.
+    user, phone = make_user(window=100, window_bytes=2_500), Recorder("phone")
+    attach(user, "phone", phone.ref, pending=5)
+    store.drain()
+    backlog = tuple(big(seq, 998) for seq in range(1, 6))
+    user.on_receive(PendingLoaded("phone", 0, backlog, complete=True))
+    assert phone.drain()[-1] == Deliver(backlog[:2], as_batch=True)
+    assert store.drain() == []  # no room for another page yet
+
+    user.on_receive(Acked("phone", phone.ref, ids(backlog[:2])))
+    assert store.drain() == [Ack("alice", "phone", (1, 2)), LoadPending("alice", "phone", 2, 100, user.actor_ref)]
+
+
+def test_one_message_bigger_than_the_byte_window_still_goes_alone(make_user, store):
+    user, phone = make_user(window_bytes=100), Recorder("phone")
+    caught_up(user, store, "phone", phone.ref)
+    phone.drain()
+    user.on_receive(Committed((big(1, 5_000), big(2, 5_000))))
+    assert phone.drain() == [Deliver((big(1, 5_000),), as_batch=False)]
 
 
 def test_acks_of_unknown_ids_are_not_told_to_the_store(make_user, store):
