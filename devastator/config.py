@@ -48,6 +48,10 @@ class SettingsError(ValueError):
         return SettingsError(self.setting, self.problem, origin=origin)
 
 
+# Room for the rest of a msg.recv request around a message (ids, users, times).
+MSG_RECV_ENVELOPE_BYTES = 1024
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the server can be configured with.
@@ -95,6 +99,14 @@ class Settings:
             raise SettingsError(
                 "default_ttl",
                 f"expected at most max_ttl ({self.max_ttl}), got {self.default_ttl!r}",
+            )
+        # A message must fit, with its msg.recv envelope, in one frame to the recipient.
+        largest_message = self.max_frame_bytes - MSG_RECV_ENVELOPE_BYTES
+        if self.max_message_bytes > largest_message:
+            raise SettingsError(
+                "max_message_bytes",
+                f"expected at most max_frame_bytes - {MSG_RECV_ENVELOPE_BYTES} ({largest_message}),"
+                f" got {self.max_message_bytes!r}",
             )
 
     @property

@@ -66,6 +66,7 @@ class Server:
         router_ref.ask(Inspect())
         limits = DeviceLimits(
             max_batch=settings.max_batch,
+            max_frame_bytes=settings.max_frame_bytes,
             max_pending_requests=settings.max_pending_requests,
             message_limits=Limits(
                 max_message_bytes=settings.max_message_bytes,

@@ -313,3 +313,9 @@ def test_direct_construction_validates():
 def test_settings_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Settings().tls_port = 1  # type: ignore[misc]
+
+
+def test_a_message_must_fit_in_a_frame_with_its_envelope():
+    with pytest.raises(SettingsError, match="max_message_bytes"):
+        Settings(max_frame_bytes=65536, max_message_bytes=65536)
+    Settings(max_frame_bytes=65536 + 1024, max_message_bytes=65536)

@@ -249,3 +249,22 @@ def test_user_actors_stop_when_idle_and_come_back(servers):
     alice.send("bob", "after idle")
     bob = running.connect("bob")
     assert bob.receive(timeout=5)["message"] == "after idle"
+
+
+def test_a_backlog_of_large_messages_comes_in_frames_within_the_frame_limit(running):
+    alice = running.connect("alice")
+    token = running.token("bob")
+    pad = "y" * 60_000  # 100 of these would be a 6 MB batch
+    ids = []
+    for start in range(0, 120, 40):
+        window = [alice.send_async("bob", {"n": n, "pad": pad}) for n in range(start, start + 40)]
+        ids.extend(p.wait(10)["id"] for p in window)
+    raw = RawTls(running)  # its FrameDecoder refuses any frame over 1 MiB
+    assert raw.auth(token)["pending"] == 120
+    received = []
+    while len(received) < 120:
+        batch = raw.read_one()
+        assert isinstance(batch, list)
+        received.extend(batch)
+        raw.send_value([{"jsonrpc": "2.0", "id": r["id"], "result": "ACK"} for r in batch])
+    assert [r["id"] for r in received] == ids

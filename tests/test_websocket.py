@@ -163,7 +163,7 @@ def test_invalid_request_keeps_id_and_stays_open(raw_ws):
 
 
 def test_text_message_over_max_frame_bytes_is_too_large_then_closed(servers):
-    running = servers(max_frame_bytes=4096)
+    running = servers(max_frame_bytes=4096, max_message_bytes=2048)
     connection = RawWs(running)
     try:
         connection.ws.send('"' + "x" * 9998 + '"')
@@ -175,7 +175,7 @@ def test_text_message_over_max_frame_bytes_is_too_large_then_closed(servers):
 
 
 def test_text_message_of_max_frame_bytes_is_accepted(servers):
-    running = servers(max_frame_bytes=4096)
+    running = servers(max_frame_bytes=4096, max_message_bytes=2048)
     connection = RawWs(running)
     try:
         prefix = '{"jsonrpc":"2.0","method":"ping","id":1,"params":{"pad":"'

@@ -28,6 +28,7 @@ from ..protocol import (
     decode,
     encode,
     encode_batch,
+    encode_batches,
 )
 from ..protocol.errors import (
     Forbidden,
@@ -82,6 +83,7 @@ class Authority(Protocol):
 @dataclass(frozen=True)
 class DeviceLimits:
     max_batch: int = 100
+    max_frame_bytes: int = 1 << 20
     max_pending_requests: int = 1000
     message_limits: protocol.Limits = field(default_factory=protocol.Limits)
 
@@ -367,8 +369,9 @@ class DeviceActor(pykka.ThreadingActor):
             for m in deliver.messages
         ]
         if deliver.as_batch:
-            for start in range(0, len(requests), DELIVERY_CHUNK):
-                self._out.append(encode_batch(requests[start:start + DELIVERY_CHUNK]))
+            self._out.extend(
+                encode_batches(requests, max_items=DELIVERY_CHUNK, max_bytes=self._limits.max_frame_bytes)
+            )
         else:
             self._out.extend(encode(request) for request in requests)
 

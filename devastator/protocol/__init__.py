@@ -30,6 +30,7 @@ from .jsonrpc import (
     decode,
     encode,
     encode_batch,
+    encode_batches,
     to_obj,
 )
 from .methods import (
@@ -75,6 +76,7 @@ __all__ = [
     "decode",
     "encode",
     "encode_batch",
+    "encode_batches",
     "to_obj",
     "Limits",
     "SendParams",

@@ -255,3 +255,24 @@ def encode_batch(messages: Sequence[Message]) -> bytes:
         # The spec makes an empty array an invalid request, so never send one.
         raise ValueError("a batch needs at least one message")
     return orjson.dumps([to_obj(m) for m in messages])
+
+
+def encode_batches(messages: Sequence[Message], *, max_items: int, max_bytes: int) -> list[bytes]:
+    """Serialize messages as JSON arrays of at most ``max_items`` and ``max_bytes`` each.
+
+    The peer refuses a frame over its size limit, so a batch is cut by bytes as
+    well as by count; a single message over ``max_bytes`` still goes, alone.
+    """
+    batches: list[bytes] = []
+    chunk: list[bytes] = []
+    size = 2  # the brackets
+    for message in messages:
+        body = encode(message)
+        if chunk and (len(chunk) == max_items or size + 1 + len(body) > max_bytes):
+            batches.append(b"[" + b",".join(chunk) + b"]")
+            chunk, size = [], 2
+        size += len(body) + (1 if chunk else 0)  # and a comma before all but the first
+        chunk.append(body)
+    if chunk:
+        batches.append(b"[" + b",".join(chunk) + b"]")
+    return batches

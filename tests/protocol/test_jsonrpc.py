@@ -514,3 +514,18 @@ def test_answers_in_a_batch_do_not_count_against_max_batch():
     calls = [{"jsonrpc": "2.0", "method": "ping", "id": n} for n in range(101)]
     with pytest.raises(TooLarge):
         decode(orjson.dumps(acks[:5] + calls), max_batch=100)
+
+
+def test_encode_batches_cuts_by_count_and_by_bytes():
+    from devastator.protocol import encode_batches
+
+    requests = [Request("msg.recv", {"pad": "x" * 100}, n) for n in range(10)]
+    one = len(encode(requests[0]))
+    by_count = encode_batches(requests, max_items=4, max_bytes=1 << 20)
+    assert [len(orjson.loads(b)) for b in by_count] == [4, 4, 2]
+    by_bytes = encode_batches(requests, max_items=100, max_bytes=3 * one + 4)
+    assert [len(orjson.loads(b)) for b in by_bytes] == [3, 3, 3, 1]
+    assert all(len(b) <= 3 * one + 4 for b in by_bytes)
+    assert [item["id"] for b in by_bytes for item in orjson.loads(b)] == list(range(10))
+    # One message bigger than the limit still goes, alone.
+    assert [len(orjson.loads(b)) for b in encode_batches(requests[:2], max_items=100, max_bytes=10)] == [1, 1]
