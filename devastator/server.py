@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import time
 import weakref
 from typing import Callable
@@ -45,7 +46,7 @@ class Server:
 
     def start(self) -> None:
         settings = self.settings
-        paths = pki.ensure_pki(settings.data_dir)
+        paths = pki.ensure_pki(settings.data_dir, _server_names(settings.host))
         authority = JwtAuthority(ensure_jwt_keys(settings.data_dir))
         store = self._store or SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
         self.store_ref = store_ref = StoreActor.start(store=store)
@@ -143,3 +144,11 @@ class Server:
                 ref.stop(timeout=timeout)
         self._stopped.set()
         log.info("Devastator stopped")
+
+
+def _server_names(host: str) -> tuple[str, ...]:
+    """Names the server certificate (made on first start) is valid for."""
+    names = ["localhost", "127.0.0.1", "::1", socket.gethostname()]
+    if host not in ("", "0.0.0.0", "::"):  # a wildcard bind is no name to connect to
+        names.append(host)
+    return tuple(dict.fromkeys(names))
