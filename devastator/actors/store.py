@@ -9,6 +9,7 @@ millisecond, and a worker thread would make every statement wait for the GIL.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -152,7 +153,6 @@ def _failed(request):
 
 
 def _tell(ref: pykka.ActorRef, message) -> None:
-    try:
+    # The asker may be gone (connection closed, idle user stopped): then nothing waits for this.
+    with contextlib.suppress(pykka.ActorDeadError):
         ref.tell(message)
-    except pykka.ActorDeadError:
-        pass  # the asker is gone (connection closed, idle user stopped): nothing waits for this

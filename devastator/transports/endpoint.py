@@ -7,6 +7,7 @@ shuts.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Callable
 
@@ -61,9 +62,8 @@ class Endpoint:
             reason = read(device)
         finally:
             self._connections.discard(outbound)
-            try:
+            # The device actor may have stopped already (the server is stopping).
+            with contextlib.suppress(pykka.ActorDeadError):
                 device.tell(ConnectionLost(reason))
-            except pykka.ActorDeadError:
-                pass  # it stopped on its own (the server is stopping)
             outbound.close()
             writer.join(timeout=WRITER_DRAIN_SECONDS)

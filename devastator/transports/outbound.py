@@ -7,6 +7,7 @@ disconnected; what it had not ACKed stays pending in the store.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Callable, Sequence
 
@@ -62,19 +63,22 @@ class OutboundQueue:
     def run(self) -> None:
         """The writer greenlet's body."""
         try:
-            while True:
-                self._wakeup.wait()
-                self._wakeup.clear()
-                if self._queued:
-                    queued, self._queued = self._queued, []
-                    self._queued_bytes = 0
-                    self._write(queued)
-                if self._closing and not self._queued:
-                    if self.final is not None:
-                        self.final()
-                    break
-        except OSError:
-            pass  # the peer went away; the reader sees it too
+            # A write failing means the peer went away; the reader sees it too.
+            with contextlib.suppress(OSError):
+                self._write_until_closed()
         finally:
             self._closing = True
             self._shut()
+
+    def _write_until_closed(self) -> None:
+        while True:
+            self._wakeup.wait()
+            self._wakeup.clear()
+            if self._queued:
+                queued, self._queued = self._queued, []
+                self._queued_bytes = 0
+                self._write(queued)
+            if self._closing and not self._queued:
+                if self.final is not None:
+                    self.final()
+                return
