@@ -273,6 +273,14 @@ def test_unknown_method_request(authed, others):
     others.assert_served()
 
 
+def test_an_unknown_method_before_auth_is_not_authenticated(raw, others):
+    # PROTOCOL.md section 3: -32001 for any method but ping and auth.* before auth.
+    assert_error(raw.call("no.such.method", None, id=3), NOT_AUTHENTICATED, 3)
+    assert_error(raw.call("auth.nope", {}, id=4), METHOD_NOT_FOUND, 4)
+    raw.assert_open()
+    others.assert_served()
+
+
 def test_unknown_method_notification_gets_no_answer(authed, others):
     authed.send(frame(notification("no.such.method", {"a": 1})) + frame(request("ping", None, "after")))
     assert_result(authed.read_one(), "pong", "after")

@@ -12,7 +12,7 @@ import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import orjson
 import pykka
@@ -120,7 +120,6 @@ class DeviceActor(pykka.ThreadingActor):
         store: pykka.ActorRef,
         authority: Authority,
         limits: DeviceLimits,
-        on_event: Callable[[str], None] | None = None,
     ):
         super().__init__()
         self._connection = connection
@@ -252,9 +251,8 @@ class DeviceActor(pykka.ThreadingActor):
             self._authenticate(method, params, request_id, notification, batch)
             return
         if self.user is None:
-            if method in _METHODS:
-                raise NotAuthenticated(f"{method} needs an authenticated connection (auth.jwt or auth.cert)")
-            raise MethodNotFound(f"no method {method!r}")
+            # PROTOCOL.md: any method but ping and auth.* before auth, known or not.
+            raise NotAuthenticated(f"{method} needs an authenticated connection (auth.jwt or auth.cert)")
         if method == "msg.send":
             self._send(params, request_id, notification, batch)
         elif method == "msg.echo":
@@ -404,5 +402,3 @@ class DeviceActor(pykka.ThreadingActor):
             self._announced = None
             self._router.tell(DeviceOffline(user, device, self.actor_ref))
 
-
-_METHODS = frozenset({"msg.send", "msg.echo", "push.register"})
