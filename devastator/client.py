@@ -2,7 +2,9 @@
 
 Blocking calls for scripts and tests; a reader thread (a greenlet when gevent
 has patched the process) answers ``msg.recv`` with ACKs, drops duplicates by
-message id, and hands messages to ``receive()``::
+message id, and hands messages to ``receive()``. ``reconnect()`` connects and
+authenticates again; with ``auto_reconnect=True`` that happens by itself, with
+backoff, whenever the connection drops::
 
     client = Client.connect_tls("127.0.0.1", 3001, ca="devastator-data/ca.pem")
     client.auth_jwt(token)
@@ -17,6 +19,7 @@ import queue
 import socket
 import ssl
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -38,6 +41,8 @@ from .protocol import (
 from .protocol.errors import RpcError
 
 SEEN_IDS_KEPT = 100_000
+RECONNECT_FIRST_DELAY = 0.1  # seconds; doubled after each failed attempt
+RECONNECT_MAX_DELAY = 5.0
 
 
 class ConnectionClosed(ConnectionError):
@@ -126,11 +131,21 @@ class Pending:
 
 class Client:
     def __init__(
-        self, connect: Callable[[], Any], *, auto_ack: bool = True, dedupe: bool = True, timeout: float = 10.0
+        self,
+        connect: Callable[[], Any],
+        *,
+        auto_ack: bool = True,
+        dedupe: bool = True,
+        auto_reconnect: bool = False,
+        timeout: float = 10.0,
     ):
         self._connect = connect
         self.auto_ack = auto_ack
         self.dedupe = dedupe
+        self.auto_reconnect = auto_reconnect
+        self.reconnect_error: RpcError | None = None  # why automatic reconnection gave up
+        self._stopping = False
+        self._reconnecting = False
         self.timeout = timeout
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -196,13 +211,39 @@ class Client:
     def reconnect(self) -> dict | None:
         """Connect again and authenticate as before; returns the auth result."""
         self.close()
+        self._stopping = False
         self._open()
+        return self._authenticate_again()
+
+    def _authenticate_again(self) -> dict | None:
         if self._credentials is None:
             return None
         method, params = self._credentials
         return self.call(method, params)
 
+    def _reconnect_in_background(self) -> None:
+        """With ``auto_reconnect``: connect and authenticate again, backing off, until it works."""
+        delay = RECONNECT_FIRST_DELAY
+        while not self._stopping:
+            time.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+            try:
+                self._open()
+                self._authenticate_again()
+            except OSError:  # refused, reset, closed or timed out: try again
+                continue
+            except RpcError as error:  # the credentials are refused: retrying will not help
+                self.reconnect_error = error
+                break
+            with self._lock:
+                if not self.closed.is_set():
+                    self._reconnecting = False
+                    return
+        with self._lock:
+            self._reconnecting = False
+
     def close(self) -> None:
+        self._stopping = True
         if self._stream is not None:
             self._stream.close()
         self.closed.wait(self.timeout)
@@ -284,6 +325,11 @@ class Client:
             for waiting in pending.values():
                 waiting._set(error=ConnectionClosed("connection closed before the answer"))
             self.closed.set()
+            with self._lock:
+                start = self.auto_reconnect and not self._stopping and not self._reconnecting
+                self._reconnecting = self._reconnecting or start
+            if start:
+                threading.Thread(target=self._reconnect_in_background, daemon=True).start()
 
     def _on_body(self, body) -> None:
         incoming = decode(body, max_batch=1 << 20)

@@ -97,3 +97,20 @@ def test_sigterm_shuts_down_cleanly(server_process):
     client.auth_jwt(server_process.token("alice"))
     assert server_process.terminate() == 0
     assert client.closed.wait(5)
+
+
+def test_a_client_reconnects_by_itself_after_a_crash(server_process):
+    server_process.start()
+    alice_token, bob_token = server_process.token("alice"), server_process.token("bob")
+    bob = server_process.client(auto_reconnect=True)
+    bob.auth_jwt(bob_token)
+    server_process.kill()
+    assert bob.closed.wait(5)
+    server_process.start()
+    alice = server_process.client()
+    alice.auth_jwt(alice_token)
+    sent = alice.send("bob", "you are back")
+    assert bob.receive(timeout=15)["id"] == sent["id"]  # no reconnect() call: it came back alone
+    assert bob.reconnect_error is None
+    alice.close()
+    bob.close()
