@@ -7,10 +7,9 @@ retired when no pending row points at it any more, or when it expires.
 """
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from .base import Accepted, Attachment, MessageIds, StoredMessage, UnknownUserError
 
@@ -57,6 +56,7 @@ CREATE INDEX IF NOT EXISTS sends_by_expiry ON sends (expires);
 """
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+KNOWN_USERS_KEPT = 100_000
 
 
 class SqliteStore:
@@ -69,8 +69,11 @@ class SqliteStore:
         self._synchronous = synchronous
         self._busy_timeout_ms = busy_timeout_ms
         self._db: sqlite3.Connection | None = None
-        self._in_batch = False
+        self._transaction = _Transaction(self)
         self._ids = MessageIds()
+        # Users are never removed while the store is open, so "exists" can be kept
+        # (bounded: forgotten wholesale when it grows large).
+        self._known_users: set[str] = set()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -89,22 +92,8 @@ class SqliteStore:
             self._db.close()
             self._db = None
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
-        if self._in_batch:  # nested: the outer batch commits
-            yield
-            return
-        db = self._conn
-        db.execute("BEGIN IMMEDIATE")
-        self._in_batch = True
-        try:
-            yield
-        except BaseException:
-            self._in_batch = False
-            db.execute("ROLLBACK")
-            raise
-        self._in_batch = False
-        db.execute("COMMIT")
+    def batch(self) -> _Transaction:
+        return self._transaction
 
     @property
     def _conn(self) -> sqlite3.Connection:
@@ -261,4 +250,31 @@ class SqliteStore:
         ]
 
     def _user_exists(self, user: str) -> bool:
-        return self._conn.execute("SELECT 1 FROM users WHERE id = ?", (user,)).fetchone() is not None
+        if user in self._known_users:
+            return True
+        if self._conn.execute("SELECT 1 FROM users WHERE id = ?", (user,)).fetchone() is None:
+            return False
+        if len(self._known_users) >= KNOWN_USERS_KEPT:
+            self._known_users.clear()
+        self._known_users.add(user)
+        return True
+
+
+class _Transaction:
+    """One SQLite transaction; entered again inside itself, the outermost one commits."""
+
+    __slots__ = ("_store", "_depth")
+
+    def __init__(self, store: SqliteStore):
+        self._store = store
+        self._depth = 0
+
+    def __enter__(self) -> None:
+        if self._depth == 0:
+            self._store._conn.execute("BEGIN IMMEDIATE")
+        self._depth += 1
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._store._conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
