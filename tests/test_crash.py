@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import gevent
 import pytest
 
 from devastator.client import Client
@@ -112,5 +113,42 @@ def test_a_client_reconnects_by_itself_after_a_crash(server_process):
     sent = alice.send("bob", "you are back")
     assert bob.receive(timeout=15)["id"] == sent["id"]  # no reconnect() call: it came back alone
     assert bob.reconnect_error is None
+    alice.close()
+    bob.close()
+
+
+def test_kill_9_in_the_middle_of_a_load_loses_nothing_answered(server_process):
+    server_process.start()
+    alice_token, bob_token = server_process.token("alice"), server_process.token("bob")
+    alice = server_process.client()
+    alice.auth_jwt(alice_token)
+    answered: list[str] = []
+
+    def keep_sending():
+        n = 0
+        while True:
+            window = [alice.send_async("bob", {"n": n + k}) for k in range(50)]
+            n += 50
+            for pending in window:
+                answered.append(pending.wait(10)["id"])  # raises once the server is gone
+
+    sender = gevent.spawn(keep_sending)
+    with gevent.Timeout(30):
+        while len(answered) < 2000:
+            gevent.sleep(0.01)
+    server_process.kill()  # sends are in flight, some answered, some not
+    sender.join(10)
+    assert not sender.successful()  # it stopped because the server died
+    answered_before_kill = list(answered)
+
+    server_process.start()
+    bob = server_process.client()
+    pending = bob.auth_jwt(bob_token)["pending"]
+    assert pending >= len(answered_before_kill)
+    received = [bob.receive(timeout=10)["id"] for _ in range(pending)]
+    # Everything answered is there, in the order it was answered.
+    position = {message_id: index for index, message_id in enumerate(received)}
+    assert all(message_id in position for message_id in answered_before_kill)
+    assert [position[m] for m in answered_before_kill] == sorted(position[m] for m in answered_before_kill)
     alice.close()
     bob.close()
