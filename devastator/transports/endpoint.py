@@ -1,7 +1,7 @@
 """What both endpoints share: their listener, live connections and writer greenlets.
 
 A connection's life is the same on either endpoint: a bounded outbound queue
-with its writer greenlet, a device actor, a read loop; when the loop ends the
+(its writer greenlets belong to the endpoint's group), a device actor, a read loop; when the loop ends the
 device actor is told why, and what was queued is written before the socket
 shuts.
 """
@@ -55,7 +55,6 @@ class Endpoint:
     def _serve(self, outbound: OutboundQueue, read: Callable[[pykka.ActorRef], str]) -> None:
         """Run one connection: ``read(device)`` loops until the end and says why it ended."""
         self._connections.add(outbound)
-        writer = self._writers.spawn(outbound.run)
         device = self._new_device(outbound)
         reason = "closed by peer"
         try:
@@ -66,4 +65,4 @@ class Endpoint:
             with contextlib.suppress(pykka.ActorDeadError):
                 device.tell(ConnectionLost(reason))
             outbound.close()
-            writer.join(timeout=WRITER_DRAIN_SECONDS)
+            outbound.wait_closed(timeout=WRITER_DRAIN_SECONDS)

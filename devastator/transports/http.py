@@ -154,6 +154,7 @@ class HttpTransport(Endpoint):
         outbound = OutboundQueue(
             write=lambda bodies: ws.raw_write(_text_frames(bodies)),
             shut=lambda: _shut(raw),
+            spawn=self._writers.spawn,
             max_bytes=self._max_outbound_bytes,
             remote=remote,
         )

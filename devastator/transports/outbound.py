@@ -1,9 +1,10 @@
 """The outbound side of one connection: a bounded queue and its writer greenlet.
 
-Actors never block on a socket: they queue JSON values here, and one writer
-greenlet per connection sends whatever has gathered in one write. A peer that
-reads slower than it is sent to fills the queue past its bound and is
-disconnected; what it had not ACKed stays pending in the store.
+Actors never block on a socket: they queue JSON values here, and a writer
+greenlet sends whatever has gathered in one write. The writer lives only while
+there is something to write, so an idle connection costs no greenlet for it.
+A peer that reads slower than it is sent to fills the queue past its bound and
+is disconnected; what it had not ACKed stays pending in the store.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import contextlib
 import logging
 from typing import Callable, Sequence
 
+import gevent
 import gevent.event
 
 log = logging.getLogger(__name__)
@@ -22,26 +24,30 @@ class OutboundQueue:
         *,
         write: Callable[[list[bytes]], None],
         shut: Callable[[], None],
+        spawn: Callable[[Callable[[], None]], gevent.Greenlet],
         max_bytes: int,
         remote: str,
         peer_identity: tuple[str, str] | None = None,
     ):
         self._write = write
         self._shut = shut
+        self._spawn = spawn
         self._max_bytes = max_bytes
         self.remote = remote
         self.peer_identity = peer_identity
         self._queued: list[bytes] = []
         self._queued_bytes = 0
-        self._wakeup = gevent.event.Event()
+        self._writer: gevent.Greenlet | None = None
         self._closing = False
-        self.final: Callable[[], None] | None = None
+        self._final: Callable[[], None] | None = None
+        self._shut_done = gevent.event.Event()
 
     @property
     def closing(self) -> bool:
         return self._closing
 
     def send(self, bodies: Sequence[bytes]) -> None:
+        """Queue JSON values to write, without blocking."""
         if self._closing:
             return
         self._queued.extend(bodies)
@@ -51,34 +57,36 @@ class OutboundQueue:
             self._queued.clear()
             self._queued_bytes = 0
             self._closing = True
-        self._wakeup.set()
+        self._start_writer()
 
     def close(self, final: Callable[[], None] | None = None) -> None:
         """Write what is queued, run ``final`` (a closing handshake), then shut the socket."""
         if not self._closing:
             self._closing = True
-            self.final = final
-        self._wakeup.set()
+            self._final = final
+        self._start_writer()
 
-    def run(self) -> None:
-        """The writer greenlet's body."""
+    def wait_closed(self, timeout: float) -> bool:
+        return self._shut_done.wait(timeout)
+
+    def _start_writer(self) -> None:
+        if self._writer is None and not self._shut_done.is_set():
+            self._writer = self._spawn(self._run)
+
+    def _run(self) -> None:
         try:
             # A write failing means the peer went away; the reader sees it too.
             with contextlib.suppress(OSError):
-                self._write_until_closed()
-        finally:
-            self._closing = True
-            self._shut()
-
-    def _write_until_closed(self) -> None:
-        while True:
-            self._wakeup.wait()
-            self._wakeup.clear()
-            if self._queued:
-                queued, self._queued = self._queued, []
-                self._queued_bytes = 0
-                self._write(queued)
-            if self._closing and not self._queued:
-                if self.final is not None:
-                    self.final()
+                while self._queued:
+                    queued, self._queued = self._queued, []
+                    self._queued_bytes = 0
+                    self._write(queued)
+                if self._closing and self._final is not None:
+                    self._final()
                 return
+            self._closing = True  # the write failed
+        finally:
+            self._writer = None
+            if self._closing:
+                self._shut_done.set()
+                self._shut()
