@@ -513,6 +513,19 @@ class RecipientConnection(Connection):
 # -- the conductor -------------------------------------------------------------------
 
 
+class IdleConnection(Connection):
+    """Authenticates, then sits: what one connected device costs the server at rest."""
+
+    def on_frames(self, frames):
+        for frame in frames:
+            obj = _loads(frame)
+            if type(obj) is dict and obj.get("id") == "auth":
+                self._auth_answer(obj)
+            else:
+                self.run_state.error(f"{self.user} unexpected", obj)
+        return None
+
+
 def wait_all(events, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     for event in events:
@@ -549,8 +562,9 @@ class Bench:
         self.server = server
         self.run = Run()
         self.group = Group()
-        tag = secrets.token_hex(3)  # fresh users each run, also against a long-running server
+        self.tag = tag = secrets.token_hex(3)  # fresh users each run, also against a long-running server
         self.pairs = [(f"bench-{tag}-s{i}", f"bench-{tag}-r{i}") for i in range(args.pairs)]
+        self.idle: list[IdleConnection] = []
         self.ssl_context = ssl.create_default_context(cafile=str(data_dir / "ca.pem"))
         self.senders: list[SenderConnection] = []
         self.recipients: list[RecipientConnection] = []
@@ -684,6 +698,31 @@ class Bench:
         result.update(self._checks())
         return result
 
+    def run_idle(self) -> dict:
+        """Server memory per authenticated, idle connection."""
+        users = [f"bench-{self.tag}-idle{i}" for i in range(self.args.connections)]
+        tokens = mint_tokens(self.data_dir, users)
+        gevent.sleep(1)  # let the server settle before the baseline
+        before = process_rss_mb(self.server_pid)
+        for start in range(0, len(users), 200):  # in steps, not one accept storm
+            step = [self._open(IdleConnection(self.run, user, tokens[user], self.ssl_context, self.address))
+                    for user in users[start:start + 200]]
+            wait_all([c.connected for c in step], 60, "TLS connections")
+            self.authenticate(step)
+            self.idle.extend(step)
+        gevent.sleep(1)
+        after = process_rss_mb(self.server_pid)
+        per_connection = None if before is None or after is None else (after - before) * 1024 / len(users)
+        return {
+            "mode": "idle",
+            "connections": len(users),
+            "server_rss_before_mb": _round(before, 1),
+            "server_rss_after_mb": _round(after, 1),
+            "server_kb_per_connection": _round(per_connection, 1),
+            "rpc_errors": self.run.error_count,
+            "connection_errors": len(self.run.connection_errors),
+        }
+
     def _wait_retired(self, timeout: float) -> int | None:
         users = [recipient for _, recipient in self.pairs]
         deadline = time.monotonic() + timeout
@@ -724,7 +763,7 @@ class Bench:
         }
 
     def close(self) -> None:
-        for connection in self.senders + self.recipients:
+        for connection in self.senders + self.recipients + self.idle:
             connection.close()
         self.group.kill(timeout=5)
 
@@ -742,6 +781,16 @@ def summary(result: dict, run: Run) -> str:
             return "n/a"
         return f"{value:,.{digits}f}{unit}" if isinstance(value, float) else f"{value:,}{unit}"
 
+    if result["mode"] == "idle":
+        lines = [
+            f"devastator bench: mode=idle connections={result['connections']}",
+            f"  server RSS      {fmt(result['server_rss_before_mb'], ' MB')} before,"
+            f" {fmt(result['server_rss_after_mb'], ' MB')} with every connection authenticated:"
+            f" {fmt(result['server_kb_per_connection'], ' kB')} per connection",
+            f"  checks          RPC errors {result['rpc_errors']}, connection errors {result['connection_errors']}",
+        ]
+        lines += [f"  connection      {problem}" for problem in run.connection_errors[:ERRORS_KEPT]]
+        return "\n".join(lines)
     lines = [f"devastator bench: mode={result['mode']} pairs={result['pairs']} window={result['window']}"]
     if result["mode"] == "online":
         lines += [
@@ -783,7 +832,7 @@ def failed(result: dict) -> bool:
     # Lost in online mode too: after the grace period everything accepted must
     # have reached its online recipient.
     return bool(
-        result["rpc_errors"] or result["lost"] or result["out_of_order"] or result["misaddressed"]
+        result["rpc_errors"] or result.get("lost") or result.get("out_of_order") or result.get("misaddressed")
         or result["connection_errors"]
     )
 
@@ -793,7 +842,7 @@ def failed(result: dict) -> bool:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark a Devastator server over TLS.")
-    parser.add_argument("--mode", choices=("online", "offline"), default="online")
+    parser.add_argument("--mode", choices=("online", "offline", "idle"), default="online")
     parser.add_argument("--pairs", type=int, default=20, help="sender/recipient pairs (20)")
     parser.add_argument("--window", type=int, default=50, help="msg.send in flight per sender (50)")
     parser.add_argument("--duration", type=float, default=10.0, help="online: measured seconds (10)")
@@ -801,6 +850,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--messages", type=int, default=50000, help="offline: messages in all (50000)")
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds to wait for the last answers and deliveries (30)")
+    parser.add_argument("--connections", type=int, default=2000,
+                        help="idle: authenticated connections to hold open (2000)")
     parser.add_argument("--json", action="store_true", help="also print one JSON line of results")
     parser.add_argument("--host", default="127.0.0.1", help="address of the server (127.0.0.1)")
     parser.add_argument("--keep-data", action="store_true", help="keep the temporary data dir and server log")
@@ -841,7 +892,8 @@ def main(argv=None) -> int:
             address = (args.host, server.tls_port)
             print(f"bench: server pid {server.pid} on TLS port {server.tls_port}, data {tmp_dir}", file=sys.stderr)
         bench = Bench(args, data_dir, address, server_pid, server)
-        result = bench.run_online() if args.mode == "online" else bench.run_offline()
+        runs = {"online": bench.run_online, "offline": bench.run_offline, "idle": bench.run_idle}
+        result = runs[args.mode]()
         if server is not None and not server.alive():
             bench.run.connection_errors.append("the server process died")
             result["connection_errors"] += 1
