@@ -45,6 +45,13 @@ class Server:
     # -- starting -------------------------------------------------------------------
 
     def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()  # whatever did start (a port in use is found last)
+            raise
+
+    def _start(self) -> None:
         settings = self.settings
         paths = pki.ensure_pki(settings.data_dir, _server_names(settings.host))
         authority = JwtAuthority(ensure_jwt_keys(settings.data_dir))

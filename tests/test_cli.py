@@ -76,3 +76,17 @@ def test_help_lists_the_commands():
     out = run("--help").stdout
     for command in ("serve", "token", "user"):
         assert command in out
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("--data-dir", str(tmp_path / "data"), "--tls-port", str(port), "--http-port", "0",
+                     check=False)
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr and "Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
