@@ -7,6 +7,7 @@ import gevent
 import json
 
 import orjson
+import pykka
 import pytest
 
 from devastator.actors.messages import Inspect
@@ -147,3 +148,29 @@ def test_a_backlog_of_big_messages_drains_within_the_outbound_bound(servers):
     received = [reader.receive(timeout=10) for _ in range(200)]
     assert [m["id"] for m in received] == ids
     assert not reader.closed.is_set()
+
+
+def test_a_flooding_client_is_slowed_down_not_buffered(running):
+    from devastator.actors import DeviceActor
+    from devastator.transports.endpoint import READS_IN_FLIGHT
+
+    note = orjson.dumps({"jsonrpc": "2.0", "method": "no.such.thing", "params": {"pad": "z" * 200}})
+    chunk = (struct.pack("<I", len(note)) + note) * 500
+    raw = RawTls(running)
+    deepest = 0
+    flooding = True
+
+    def watch_inboxes():
+        nonlocal deepest
+        while flooding:
+            for ref in pykka.ActorRegistry.get_by_class(DeviceActor):
+                deepest = max(deepest, ref.actor_inbox.qsize())
+            gevent.sleep(0)
+
+    watcher = gevent.spawn(watch_inboxes)
+    for _ in range(400):  # 200,000 notifications, about 50 MB, none of them answered
+        raw.send(chunk)
+    flooding = False
+    watcher.join(5)
+    assert 0 < deepest <= READS_IN_FLIGHT + 2  # the reads waiting, and a message or two of the actors'
+    assert raw.call("ping", id="after") == {"jsonrpc": "2.0", "id": "after", "result": "pong"}

@@ -147,6 +147,8 @@ class DeviceActor(pykka.ThreadingActor):
 
     def on_receive(self, message):
         if isinstance(message, Received):
+            if message.taken is not None:
+                message.taken()
             if self._authenticating:
                 self._hold(message)
             else:

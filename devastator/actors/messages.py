@@ -6,7 +6,7 @@ that no actor ever blocks on another: the answer is one more message.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from pykka import ActorRef
 
@@ -19,9 +19,14 @@ from ..store import StoredMessage
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """JSON values (one per frame) read from the connection, in order."""
+    """JSON values (one per frame) read from the connection, in order.
+
+    ``taken`` is called when the device actor picks it up: the reader reads on
+    only while few of its reads wait in the actor's inbox (see transports/).
+    """
 
     bodies: tuple[bytes | str, ...]
+    taken: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

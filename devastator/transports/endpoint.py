@@ -13,14 +13,17 @@ from typing import Callable
 
 import pykka
 from gevent.baseserver import BaseServer
+from gevent.lock import Semaphore
 from gevent.pool import Group
 
-from ..actors.messages import ConnectionLost
+from ..actors.messages import ConnectionLost, Received
 from .outbound import OutboundQueue
 
 log = logging.getLogger(__name__)
 
 WRITER_DRAIN_SECONDS = 10.0
+READS_IN_FLIGHT = 4  # reads told to a device actor and not yet picked up
+CREDIT_WAIT_SECONDS = 1.0
 
 
 class Endpoint:
@@ -52,13 +55,29 @@ class Endpoint:
         self._server.stop(timeout=timeout)
         self._writers.kill(timeout=timeout)
 
-    def _serve(self, outbound: OutboundQueue, read: Callable[[pykka.ActorRef], str]) -> None:
-        """Run one connection: ``read(device)`` loops until the end and says why it ended."""
+    def _serve(self, outbound: OutboundQueue, read: Callable[[Callable[[tuple], None]], str]) -> None:
+        """Run one connection: ``read(forward)`` loops until the end and says why it ended.
+
+        ``forward(bodies)`` hands what was read to the device actor. It blocks
+        while READS_IN_FLIGHT earlier reads still wait in the actor's inbox, so
+        a client that sends faster than its requests are handled is slowed
+        down to that pace (TCP pushes back on it) instead of filling memory.
+        """
         self._connections.add(outbound)
         device = self._new_device(outbound)
+        credits = Semaphore(READS_IN_FLIGHT)
+
+        def forward(bodies: tuple) -> None:
+            while not credits.acquire(timeout=CREDIT_WAIT_SECONDS):
+                if not device.is_alive():  # it crashed: nobody will take these
+                    raise pykka.ActorDeadError(f"{device} stopped")
+            device.tell(Received(bodies, credits.release))
+
         reason = "closed by peer"
         try:
-            reason = read(device)
+            reason = read(forward)
+        except pykka.ActorDeadError:
+            reason = "device actor stopped"
         finally:
             self._connections.discard(outbound)
             # The device actor may have stopped already (the server is stopping).

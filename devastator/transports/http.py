@@ -19,7 +19,6 @@ from geventwebsocket.exceptions import WebSocketError
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import Header, WebSocket
 
-from ..actors.messages import Received
 from ..protocol import ErrorResponse, encode
 from ..protocol.errors import RpcError, TooLarge
 from .endpoint import Endpoint
@@ -158,9 +157,9 @@ class HttpTransport(Endpoint):
             max_bytes=self._max_outbound_bytes,
             remote=remote,
         )
-        self._serve(outbound, lambda device: self._read(ws, device, outbound))
+        self._serve(outbound, lambda forward: self._read(ws, forward, outbound))
 
-    def _read(self, ws: WebSocket, device: pykka.ActorRef, outbound: OutboundQueue) -> str:
+    def _read(self, ws: WebSocket, forward: Callable[[tuple], None], outbound: OutboundQueue) -> str:
         while not outbound.closing:
             try:
                 message = ws.receive()
@@ -177,7 +176,7 @@ class HttpTransport(Endpoint):
                     final=lambda: _close_frame(ws, CLOSE_UNSUPPORTED_DATA, b"binary frames are not accepted")
                 )
                 return "binary frame refused"
-            device.tell(Received((message,)))
+            forward((message,))
         return "closed by server"
 
 

@@ -15,7 +15,6 @@ import pykka
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from ..actors.messages import Received
 from ..pki import client_identity
 from ..protocol import ErrorResponse, FrameDecoder, encode, encode_frames
 from ..protocol.errors import RpcError
@@ -69,11 +68,11 @@ class TlsTransport(Endpoint):
             peer_identity=client_identity(conn.getpeercert(binary_form=True)),
         )
         try:
-            self._serve(outbound, lambda device: self._read(conn, device, outbound))
+            self._serve(outbound, lambda forward: self._read(conn, forward, outbound))
         finally:
             conn.close()
 
-    def _read(self, conn, device: pykka.ActorRef, outbound: OutboundQueue) -> str:
+    def _read(self, conn, forward: Callable[[tuple], None], outbound: OutboundQueue) -> str:
         decoder = FrameDecoder(self._max_frame_bytes)
         while not outbound.closing:
             try:
@@ -90,7 +89,7 @@ class TlsTransport(Endpoint):
                 outbound.send([encode(ErrorResponse.from_error(violation))])
                 return f"framing violation: {violation.message}"
             if bodies:
-                device.tell(Received(tuple(bodies)))
+                forward(tuple(bodies))
         return "closed by server"
 
 
