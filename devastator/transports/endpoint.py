@@ -11,6 +11,7 @@ import contextlib
 import logging
 from typing import Callable
 
+import gevent
 import pykka
 from gevent.baseserver import BaseServer
 from gevent.lock import Semaphore
@@ -54,6 +55,11 @@ class Endpoint:
             outbound.close()
         self._server.stop(timeout=timeout)
         self._writers.kill(timeout=timeout)
+
+    def _spawn_writer(self, write: Callable[[], None]) -> gevent.Greenlet:
+        writer = self._writers.spawn(write)
+        writer.link_exception(lambda crashed: log.error("%s writer crashed: %r", self.name, crashed.exception))
+        return writer
 
     def _serve(self, outbound: OutboundQueue, read: Callable[[Callable[[tuple], None]], str]) -> None:
         """Run one connection: ``read(forward)`` loops until the end and says why it ended.

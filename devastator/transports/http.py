@@ -153,7 +153,7 @@ class HttpTransport(Endpoint):
         outbound = OutboundQueue(
             write=lambda bodies: ws.raw_write(_text_frames(bodies)),
             shut=lambda: _shut(raw),
-            spawn=self._writers.spawn,
+            spawn=self._spawn_writer,
             max_bytes=self._max_outbound_bytes,
             remote=remote,
         )

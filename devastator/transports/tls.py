@@ -62,7 +62,7 @@ class TlsTransport(Endpoint):
         outbound = OutboundQueue(
             write=lambda bodies: conn.sendall(encode_frames(bodies)),
             shut=lambda: _shut(conn),
-            spawn=self._writers.spawn,
+            spawn=self._spawn_writer,
             max_bytes=self._max_outbound_bytes,
             remote=remote,
             peer_identity=client_identity(conn.getpeercert(binary_form=True)),
