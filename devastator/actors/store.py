@@ -14,6 +14,8 @@ import logging
 import time
 from collections import defaultdict
 
+import gevent
+import gevent.event
 import pykka
 
 from ..protocol.errors import Forbidden, InternalError, UnknownRecipient
@@ -36,33 +38,37 @@ log = logging.getLogger(__name__)
 
 
 class StoreActor(pykka.ThreadingActor):
-    def __init__(self, *, store: Store, max_group: int = 2000):
+    def __init__(self, *, store: Store, max_group: int = 2000, checkpoint_interval: float = 1.0):
         super().__init__()
         self._store = store
         self._max_group = max_group
         self._queued: list = []
         self.commits = 0
         self.committed_requests = 0
+        self._checkpoint_interval = checkpoint_interval
+        self._next_checkpoint = 0.0
+        self._checkpointing: gevent.event.AsyncResult | None = None
 
     def on_start(self) -> None:
         self._store.open()
 
     def on_stop(self) -> None:
         self._commit_queued()
+        self._wait_checkpoint()
         self._store.close()
 
     def on_failure(self, exception_type, exception_value, traceback) -> None:
+        self._wait_checkpoint()
         self._store.close()
 
     def on_receive(self, message):
-        answer = None
-        if isinstance(message, Inspect):
-            answer = {"commits": self.commits, "committed_requests": self.committed_requests}
-        else:
+        if not isinstance(message, Inspect):
             self._queued.append(message)
         if len(self._queued) >= self._max_group or self.actor_inbox.empty():
             self._commit_queued()
-        return answer
+        if isinstance(message, Inspect):
+            return {"commits": self.commits, "committed_requests": self.committed_requests}
+        return None
 
     def _commit_queued(self) -> None:
         if not self._queued:
@@ -80,6 +86,22 @@ class StoreActor(pykka.ThreadingActor):
             self.commits += 1
             self.committed_requests += len(requests)
         self._answer(requests, outcomes)
+        self._checkpoint_if_due()
+
+    def _checkpoint_if_due(self) -> None:
+        # In gevent's thread pool, one at a time: the event loop keeps serving.
+        now = time.monotonic()
+        running = self._checkpointing
+        if now < self._next_checkpoint or (running is not None and not running.ready()):
+            return
+        if running is not None and not running.successful():
+            log.error("store checkpoint failed: %r", running.exception)
+        self._next_checkpoint = now + self._checkpoint_interval
+        self._checkpointing = gevent.get_hub().threadpool.spawn(self._store.checkpoint)
+
+    def _wait_checkpoint(self) -> None:
+        if self._checkpointing is not None:
+            self._checkpointing.wait(timeout=30)
 
     def _apply(self, request, now_ms: int):
         store = self._store

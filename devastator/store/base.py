@@ -84,6 +84,12 @@ class Store(Protocol):
     def purge_expired(self, now_ms: int) -> int:
         """Drop expired messages and idempotency records; returns messages dropped."""
 
+    def checkpoint(self) -> None:
+        """Housekeeping the store wants done now and then, off the event loop.
+
+        Called from a worker thread, never inside ``batch()``; may be a no-op.
+        """
+
     # Operators' calls (CLI, console); not on the delivery path.
     def add_user(self, user: str, now_ms: int) -> bool: ...
 
