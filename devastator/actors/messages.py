@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pykka import ActorRef
+from pykka import ActorDeadError, ActorRef
 
 from ..protocol.errors import RpcError
 from ..store import StoredMessage
@@ -194,3 +194,12 @@ class Inspect:
     """Ask an actor for a plain-data view of its state (console, tests)."""
 
     detail: Any = None
+
+
+def tell_if_alive(ref: ActorRef, message) -> bool:
+    """Tell ``message``; False if that actor has stopped (a closed connection, an idle user)."""
+    try:
+        ref.tell(message)
+    except ActorDeadError:
+        return False
+    return True

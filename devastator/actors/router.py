@@ -15,7 +15,7 @@ from typing import Callable
 
 import pykka
 
-from .messages import Committed, DeviceOffline, DeviceOnline, Inspect, PurgeExpired, Tick
+from .messages import Committed, DeviceOffline, DeviceOnline, Inspect, PurgeExpired, Tick, tell_if_alive
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,7 @@ class RouterActor(pykka.ThreadingActor):
             self._users.pop(user).ref.stop(block=False)
 
     def _tell_user(self, user: str, live: _LiveUser, message) -> None:
-        try:
-            live.ref.tell(message)
-        except pykka.ActorDeadError:
+        if not tell_if_alive(live.ref, message) and self._users.get(user) is live:
             # It crashed (pykka logged why); its truth is in the store, so the
             # next device coming online starts a fresh one.
-            if self._users.get(user) is live:
-                del self._users[user]
+            del self._users[user]

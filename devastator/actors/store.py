@@ -9,7 +9,6 @@ millisecond, and a worker thread would make every statement wait for the GIL.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -32,6 +31,7 @@ from .messages import (
     PurgeExpired,
     SendResult,
     SendResults,
+    tell_if_alive,
 )
 
 log = logging.getLogger(__name__)
@@ -156,11 +156,11 @@ class StoreActor(pykka.ThreadingActor):
                 if messages:
                     committed[request.notify].extend(messages)
             elif isinstance(request, (LoadPending, AttachDevice)):
-                _tell(request.reply_to, outcome)
+                tell_if_alive(request.reply_to, outcome)
         for ref, batch in committed.items():
-            _tell(ref, Committed(tuple(batch)))
+            tell_if_alive(ref, Committed(tuple(batch)))
         for ref, batch in results.items():
-            _tell(ref, SendResults(tuple(batch)))
+            tell_if_alive(ref, SendResults(tuple(batch)))
 
 
 def _failed(request):
@@ -172,9 +172,3 @@ def _failed(request):
     if isinstance(request, AttachDevice):
         return DeviceAttached(request.device, request.device_ref, request.request_key, error=error)
     return None
-
-
-def _tell(ref: pykka.ActorRef, message) -> None:
-    # The asker may be gone (connection closed, idle user stopped): then nothing waits for this.
-    with contextlib.suppress(pykka.ActorDeadError):
-        ref.tell(message)

@@ -33,6 +33,7 @@ from .messages import (
     PendingLoaded,
     Replaced,
     Tick,
+    tell_if_alive,
 )
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class UserActor(pykka.ThreadingActor):
     def _on_online(self, online: DeviceOnline) -> None:
         previous = self._devices.get(online.device)
         if previous is not None and previous.ref != online.device_ref:
-            _tell(previous.ref, Replaced())
+            tell_if_alive(previous.ref, Replaced())
         self._devices[online.device] = _DeviceSlot(online.device_ref)
         self._store.tell(
             AttachDevice(self.user, online.device, online.device_ref, online.request_key, self.actor_ref)
@@ -122,7 +123,7 @@ class UserActor(pykka.ThreadingActor):
             return  # that connection is gone or was replaced meanwhile
         if attached.error is not None:
             del self._devices[attached.device]
-            _tell(slot.ref, AuthFailed(attached.request_key, attached.error))
+            tell_if_alive(slot.ref, AuthFailed(attached.request_key, attached.error))
             return
         slot.attached = True
         self._tell_device(
@@ -214,7 +215,7 @@ class UserActor(pykka.ThreadingActor):
         )
 
     def _tell_device(self, device: str, slot: _DeviceSlot, message) -> None:
-        if not _tell(slot.ref, message):
+        if not tell_if_alive(slot.ref, message):
             # Its connection is gone and its DeviceOffline is on the way: forget it now.
             if self._devices.get(device) is slot:
                 del self._devices[device]
@@ -263,11 +264,3 @@ ENVELOPE_BYTES = 200
 
 def _cost(message: StoredMessage) -> int:
     return len(message.message_json) + ENVELOPE_BYTES
-
-
-def _tell(ref: pykka.ActorRef, message) -> bool:
-    try:
-        ref.tell(message)
-    except pykka.ActorDeadError:
-        return False
-    return True

@@ -7,7 +7,6 @@ shuts.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Callable
 
@@ -17,7 +16,7 @@ from gevent.baseserver import BaseServer
 from gevent.lock import Semaphore
 from gevent.pool import Group
 
-from ..actors.messages import ConnectionLost, Received
+from ..actors.messages import ConnectionLost, Received, tell_if_alive
 from .outbound import OutboundQueue
 
 log = logging.getLogger(__name__)
@@ -86,8 +85,6 @@ class Endpoint:
             reason = "device actor stopped"
         finally:
             self._connections.discard(outbound)
-            # The device actor may have stopped already (the server is stopping).
-            with contextlib.suppress(pykka.ActorDeadError):
-                device.tell(ConnectionLost(reason))
+            tell_if_alive(device, ConnectionLost(reason))  # it may have stopped (server stopping)
             outbound.close()
             outbound.wait_closed(timeout=WRITER_DRAIN_SECONDS)
