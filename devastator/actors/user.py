@@ -238,7 +238,7 @@ class UserActor(pykka.ThreadingActor):
                 self._tell_device(device, slot, Deliver(tuple(f.message for f in overdue), as_batch=False))
                 if device not in self._devices:
                     continue
-            if not slot.caught_up and not slot.loading:
+            if not slot.caught_up and self._has_room(slot):  # e.g. after a failed page
                 self._load(device, slot)
 
     def _inspect(self) -> dict:
