@@ -1,0 +1,4 @@
+"""Push notifications that wake offline devices: one provider actor per platform."""
+from .base import Platform, PushCounters, PushRequest, PushTokenRejected, UpstreamMessage
+
+__all__ = ["Platform", "PushCounters", "PushRequest", "PushTokenRejected", "UpstreamMessage"]
