@@ -200,23 +200,25 @@ def mint_tokens(data_dir: Path, users: list[str]) -> dict[str, str]:
     ensure_jwt_keys would otherwise write keys the server never reads.
     """
     from devastator.auth import JwtAuthority
-    from devastator.secrets import ensure_jwt_keys, jwt_keys_path
+    from devastator.identity import DeviceIdentity
+    from devastator.secrets import JwtKeyFile, jwt_keys_path
     from devastator.store import SqliteStore
 
     if not jwt_keys_path(data_dir).exists() or not (data_dir / "devastator.db").exists():
         raise BenchError(f"{data_dir} holds no server data (jwt-keys.json, devastator.db)")
-    authority = JwtAuthority(ensure_jwt_keys(data_dir))
+    authority = JwtAuthority(JwtKeyFile(data_dir))
     store = SqliteStore(data_dir / "devastator.db", synchronous="NORMAL")
     store.open()
     try:
         now_ms = int(time.time() * 1000)
         with store.batch():
+            identities = []
             for user in users:
                 store.add_user(user, now_ms)
-                store.add_device(user, DEVICE, now_ms)
+                identities.append(DeviceIdentity(user, DEVICE, store.add_device(user, DEVICE, now_ms)))
     finally:
         store.close()
-    return {user: authority.mint(user, DEVICE, 24 * 3600) for user in users}
+    return {identity.user: authority.mint(identity, 24 * 3600) for identity in identities}
 
 
 def pending_count(data_dir: Path, users: list[str]) -> int:

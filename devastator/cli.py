@@ -1,4 +1,10 @@
-"""The command line: ``devastator`` runs the server; ``token`` and ``user`` are for operators."""
+"""The command line: ``devastator`` runs the server; the other commands are for operators.
+
+``token``, ``cert issue``, ``user``, ``device`` and ``jwt rotate`` work on the
+data directory directly, also while a server runs on it: SQLite serialises
+the writes, a running server closes the connections of a removed device
+within a second, and picks up rotated JWT keys at their next use.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,10 +12,13 @@ import gc
 import logging
 import sys
 import time
+from pathlib import Path
 
 import orjson
 
 from .config import Settings, SettingsError, load_settings
+from .identity import DeviceIdentity
+from .pki import ensure_private_dir
 from .protocol import is_valid_device_id, is_valid_user_id
 from .store import SqliteStore
 
@@ -55,6 +64,32 @@ def _parser() -> argparse.ArgumentParser:
     add = user_commands.add_parser("add", parents=[common], help="create a user")
     add.add_argument("user")
     user_commands.add_parser("list", parents=[common], help="list users and their devices")
+
+    device = commands.add_parser("device", parents=[common], help="manage a user's devices")
+    device_commands = device.add_subparsers(dest="device_command", metavar="ACTION", required=True)
+    device_list = device_commands.add_parser("list", parents=[common], help="list a user's devices")
+    device_list.add_argument("user")
+    remove = device_commands.add_parser(
+        "remove", parents=[common], help="remove a device: its certificate and tokens stop working"
+    )
+    remove.add_argument("user")
+    remove.add_argument("device")
+
+    cert = commands.add_parser("cert", parents=[common], help="client certificates")
+    cert_commands = cert.add_subparsers(dest="cert_command", metavar="ACTION", required=True)
+    issue = cert_commands.add_parser(
+        "issue", parents=[common], help="write a key, a client certificate and the CA (PEM) for a device"
+    )
+    issue.add_argument("user")
+    issue.add_argument("--device", default=DEFAULT_DEVICE, help=f"device id ({DEFAULT_DEVICE})")
+    issue.add_argument("--out", required=True, help="directory for key.pem, cert.pem and ca.pem")
+    issue.add_argument("--days", type=int, default=None, help="lifetime in days (cert_days setting)")
+
+    jwt = commands.add_parser("jwt", parents=[common], help="JWT signing keys")
+    jwt_commands = jwt.add_subparsers(dest="jwt_command", metavar="ACTION", required=True)
+    jwt_commands.add_parser(
+        "rotate", parents=[common], help="sign new tokens with a new key; tokens already issued stay valid"
+    )
     return parser
 
 
@@ -111,38 +146,66 @@ def _open_store(settings: Settings) -> SqliteStore:
     return store
 
 
-def _token(settings: Settings, args) -> int:
-    from .auth import JwtAuthority
-    from .pki import ensure_private_dir
-    from .secrets import ensure_jwt_keys
+def _check_ids(user: str, device: str | None = None) -> bool:
+    """True if the ids are valid; else says why on stderr."""
+    for kind, value in (("user", user), ("device", device)):
+        if value is not None and not (is_valid_user_id(value) if kind == "user" else is_valid_device_id(value)):
+            print(f"devastator: invalid {kind} id {value!r} (1-64 of A-Z a-z 0-9 . _ @ -)", file=sys.stderr)
+            return False
+    return True
 
-    if not is_valid_user_id(args.user):
-        print(f"devastator: invalid user id {args.user!r} (1-64 of A-Z a-z 0-9 . _ @ -)", file=sys.stderr)
-        return 2
-    if not is_valid_device_id(args.device):
-        print(f"devastator: invalid device id {args.device!r} (1-64 of A-Z a-z 0-9 . _ @ -)", file=sys.stderr)
-        return 2
-    ensure_private_dir(settings.data_dir)
-    authority = JwtAuthority(ensure_jwt_keys(settings.data_dir))
+
+def _register_device(settings: Settings, user: str, device: str) -> DeviceIdentity:
+    """Create the user if new and register the device: what credentials are issued for."""
     store = _open_store(settings)
     try:
         now_ms = int(time.time() * 1000)
         with store.batch():
-            if store.add_user(args.user, now_ms):
-                print(f"created user {args.user}", file=sys.stderr)
-            store.add_device(args.user, args.device, now_ms)
+            if store.add_user(user, now_ms):
+                print(f"created user {user}", file=sys.stderr)
+            return DeviceIdentity(user, device, store.add_device(user, device, now_ms))
     finally:
         store.close()
-    print(authority.mint(args.user, args.device, args.ttl or settings.token_ttl))
+
+
+def _token(settings: Settings, args) -> int:
+    from .auth import JwtAuthority
+    from .secrets import JwtKeyFile
+
+    if not _check_ids(args.user, args.device):
+        return 2
+    ensure_private_dir(settings.data_dir)
+    identity = _register_device(settings, args.user, args.device)
+    print(JwtAuthority(JwtKeyFile(settings.data_dir)).mint(identity, args.ttl or settings.token_ttl))
+    return 0
+
+
+def _cert(settings: Settings, args) -> int:
+    from . import pki
+
+    if not _check_ids(args.user, args.device):
+        return 2
+    days = args.days or settings.cert_days
+    if days <= 0:
+        print("devastator: --days must be positive", file=sys.stderr)
+        return 2
+    paths = pki.ensure_pki(settings.data_dir)
+    identity = _register_device(settings, args.user, args.device)
+    key_pem, csr_pem = pki.new_client_key_and_csr()
+    ca = pki.CertificateAuthority.load(paths)
+    certificate = ca.issue_client_certificate(pki.load_csr(csr_pem), identity, days=days)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pki.write_file_atomically(out / "key.pem", key_pem, mode=pki.PRIVATE_FILE_MODE)
+    pki.write_file_atomically(out / "cert.pem", certificate, mode=pki.PUBLIC_FILE_MODE)
+    pki.write_file_atomically(out / "ca.pem", ca.certificate_pem, mode=pki.PUBLIC_FILE_MODE)
+    print(f"wrote {out / 'key.pem'}, {out / 'cert.pem'} and {out / 'ca.pem'} for {args.user}/{args.device}")
     return 0
 
 
 def _user(settings: Settings, args) -> int:
-    if args.user_command == "add" and not is_valid_user_id(args.user):
-        print(f"devastator: invalid user id {args.user!r} (1-64 of A-Z a-z 0-9 . _ @ -)", file=sys.stderr)
+    if args.user_command == "add" and not _check_ids(args.user):
         return 2
-    from .pki import ensure_private_dir
-
     ensure_private_dir(settings.data_dir)
     store = _open_store(settings)
     try:
@@ -151,10 +214,56 @@ def _user(settings: Settings, args) -> int:
             print(f"{'created' if created else 'exists'}: {args.user}")
         else:
             for user in store.list_users():
-                print(f"{user}\t{' '.join(store.list_devices(user))}")
+                print(f"{user}\t{' '.join(record.device for record in store.list_devices(user))}")
     finally:
         store.close()
     return 0
 
 
-_COMMANDS = {"serve": _serve, "token": _token, "user": _user}
+def _device(settings: Settings, args) -> int:
+    if not _check_ids(args.user, getattr(args, "device", None)):
+        return 2
+    ensure_private_dir(settings.data_dir)
+    store = _open_store(settings)
+    try:
+        if args.device_command == "list":
+            records = store.list_devices(args.user)
+            if not records:
+                print(f"devastator: user {args.user!r} has no devices", file=sys.stderr)
+                return 1
+            print("DEVICE\tREGISTERED\tFIRST AUTHENTICATED")
+            for record in records:
+                print(f"{record.device}\t{_time(record.created)}\t{_time(record.attached)}")
+        elif store.remove_device(args.user, args.device, int(time.time() * 1000)):
+            print(f"removed {args.user}/{args.device}: its certificate and tokens no longer work")
+        else:
+            print(f"devastator: user {args.user!r} has no device {args.device!r}", file=sys.stderr)
+            return 1
+    finally:
+        store.close()
+    return 0
+
+
+def _jwt(settings: Settings, args) -> int:
+    from .secrets import rotate_jwt_keys
+
+    ensure_private_dir(settings.data_dir)
+    keys = rotate_jwt_keys(settings.data_dir)
+    print(f"new signing key {keys.current_kid}; {len(keys.keys) - 1} older key(s) still verify tokens")
+    return 0
+
+
+def _time(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+
+
+_COMMANDS = {
+    "serve": _serve,
+    "token": _token,
+    "cert": _cert,
+    "user": _user,
+    "device": _device,
+    "jwt": _jwt,
+}

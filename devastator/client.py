@@ -283,6 +283,17 @@ class Client:
         self._credentials = ("auth.cert", None)
         return result
 
+    def auth_google(self, id_token: str, *, device: str | None = None, csr: bytes | str | None = None) -> dict:
+        """Register with an OpenID Connect ID token; later reconnects use the JWT it returns."""
+        params: dict[str, Any] = {"token": id_token}
+        if device is not None:
+            params["device"] = device
+        if csr is not None:
+            params["csr"] = csr.decode() if isinstance(csr, bytes) else csr
+        result = self.call("auth.google", params)
+        self._credentials = ("auth.jwt", {"token": result["token"]})
+        return result
+
     def send_async(self, to, message, *, cid: str | None = None, ttl: int | None = None) -> Pending:
         params: dict[str, Any] = {"to": to, "message": message}
         if cid is not None:

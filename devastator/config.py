@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import tomllib
 import types
 from collections.abc import Callable, Mapping
@@ -85,6 +86,15 @@ class Settings:
     cert_days: int = 365  # days an issued client certificate lives
     log_level: str = "INFO"  # one of LOG_LEVELS
     log_json: bool = False
+    # auth.google: any OpenID Connect provider; Google's by default. No audiences
+    # (your OAuth client ids) means sign-in is off.
+    oidc_issuers: tuple[str, ...] = ("https://accounts.google.com", "accounts.google.com")
+    oidc_audiences: tuple[str, ...] = ()
+    oidc_jwks_url: str = "https://www.googleapis.com/oauth2/v3/certs"
+    oidc_ca_file: Path | None = None  # a CA to trust for the key set URL; None: the system's
+    oidc_user_prefix: str = "google"  # user ids are "<prefix>-<subject>"
+    oidc_clock_skew: float = 60.0  # seconds of leeway on exp and iat
+    oidc_refresh_interval: float = 10.0  # seconds at least between key set fetches for unknown kids
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -310,6 +320,61 @@ def _host_rule() -> _Rule:
     )
 
 
+def _non_negative_seconds_rule() -> _Rule:
+    return _Rule(
+        expected="a number of seconds, 0 or more",
+        parse=float,
+        accepts=lambda value: (
+            (_is_integer(value) or isinstance(value, float))
+            and math.isfinite(value)  # type: ignore[arg-type]
+            and value >= 0  # type: ignore[operator]
+        ),
+        normalize=float,  # type: ignore[arg-type]
+    )
+
+
+def _parse_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _string_list_rule() -> _Rule:
+    return _Rule(
+        expected="a list of non-empty strings (comma-separated in the environment)",
+        parse=_parse_list,
+        accepts=lambda value: isinstance(value, (list, tuple))
+        and all(isinstance(item, str) and item.strip() for item in value),  # type: ignore[union-attr]
+        normalize=lambda value: tuple(item.strip() for item in value),  # type: ignore[union-attr]
+    )
+
+
+def _url_rule() -> _Rule:
+    return _Rule(
+        expected="an https:// URL",
+        parse=str,
+        accepts=lambda value: isinstance(value, str) and value.startswith("https://") and len(value) > 8,
+    )
+
+
+def _optional_file_rule() -> _Rule:
+    return _Rule(
+        expected="a file path, or empty for none",
+        parse=lambda text: Path(text) if text else None,
+        accepts=lambda value: value is None or (isinstance(value, (str, os.PathLike)) and bool(os.fspath(value))),
+        normalize=lambda value: None if value is None else Path(value).expanduser(),  # type: ignore[arg-type]
+    )
+
+
+def _user_prefix_rule() -> _Rule:
+    return _Rule(
+        expected="1 to 16 characters of A-Z a-z 0-9 . _",
+        parse=str,
+        accepts=lambda value: isinstance(value, str) and _USER_PREFIX.fullmatch(value) is not None,
+    )
+
+
+_USER_PREFIX = re.compile(r"[A-Za-z0-9._]{1,16}")
+
+
 def _directory_rule() -> _Rule:
     return _Rule(
         expected="a directory path",
@@ -346,5 +411,12 @@ _RULES: Mapping[str, _Rule] = types.MappingProxyType(
         "cert_days": _positive_integer_rule(),
         "log_level": _choice_rule(LOG_LEVELS),
         "log_json": _boolean_rule(),
+        "oidc_issuers": _string_list_rule(),
+        "oidc_audiences": _string_list_rule(),
+        "oidc_jwks_url": _url_rule(),
+        "oidc_ca_file": _optional_file_rule(),
+        "oidc_user_prefix": _user_prefix_rule(),
+        "oidc_clock_skew": _non_negative_seconds_rule(),
+        "oidc_refresh_interval": _non_negative_seconds_rule(),
     }
 )

@@ -2,10 +2,11 @@
 
 On first start ``ensure_pki`` creates, in the data directory, a CA that signs
 both the server's certificate for the TLS endpoint and the client certificates
-that devices receive at registration (``issue_client_certificate``). A device's
-certificate names its user and device in a SAN URI,
-``devastator:user/<user>/device/<device>``, which ``client_identity`` reads
-back from a peer certificate that the TLS handshake has already verified.
+that devices receive at registration (``CertificateAuthority``). A device's
+certificate names its user, device and registration in a SAN URI,
+``devastator:user/<user>/device/<device>/registration/<id>``, which
+``client_identity`` reads back from a peer certificate that the TLS handshake
+has already verified.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .identity import DeviceIdentity
 
 CA_VALIDITY = datetime.timedelta(days=3650)
 SERVER_VALIDITY = datetime.timedelta(days=5 * 365)
@@ -108,23 +111,77 @@ def ensure_pki(
     return paths
 
 
-def issue_client_certificate(
-    paths: PkiPaths, csr_pem: bytes, *, user: str, device: str, days: int
-) -> bytes:
-    """Sign a device's certificate signing request; return the PEM certificate.
+class CertificateAuthority:
+    """The server's CA, loaded once, signing devices' certificate signing requests."""
 
-    Only the CSR's public key is used: the subject and extensions are ours, so
-    a device cannot ask for another identity or for CA powers. Raises
-    ``ValueError`` for a malformed CSR, a bad signature, a weak key or a bad
-    user or device id.
+    def __init__(self, certificate: x509.Certificate, key: ec.EllipticCurvePrivateKey):
+        self.certificate = certificate
+        self._key = key
+        self.certificate_pem = _cert_pem(certificate)
+
+    @classmethod
+    def load(cls, paths: PkiPaths) -> CertificateAuthority:
+        certificate = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+        key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise PkiError(f"{paths.ca_key} holds a {type(key).__name__}, expected an EC key")
+        return cls(certificate, key)
+
+    def issue_client_certificate(self, csr: x509.CertificateSigningRequest, identity: DeviceIdentity,
+                                 *, days: int) -> bytes:
+        """Sign a device's CSR (checked by ``load_csr``); return the PEM certificate.
+
+        Only the CSR's public key is used: the subject and extensions are ours,
+        so a device cannot ask for another identity or for CA powers. The
+        private key never leaves the device.
+        """
+        user, device, _ = identity
+        if not _USER_ID.fullmatch(user):
+            raise ValueError(f"invalid user id {user!r}")
+        if not device or len(device) > _MAX_DEVICE_LENGTH or not device.isprintable():
+            raise ValueError(
+                f"invalid device id {device!r}: expected 1 to {_MAX_DEVICE_LENGTH} printable characters"
+            )
+        if days <= 0:
+            raise ValueError(f"certificate lifetime must be positive, got {days} days")
+        public_key = csr.public_key()
+        now = _now()
+        # A certificate outliving its issuer would fail verification anyway.
+        not_after = min(now + datetime.timedelta(days=days), self.certificate.not_valid_after_utc)
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.USER_ID, user),
+                x509.NameAttribute(NameOID.COMMON_NAME, device),
+            ]
+        )
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.certificate.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(digital_signature=True), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity_uri(identity))]),
+                critical=False,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(_authority_key_identifier(self.certificate), critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+        return _cert_pem(certificate)
+
+
+def load_csr(csr_pem: bytes) -> x509.CertificateSigningRequest:
+    """A device's certificate signing request, checked; ValueError says what is wrong.
+
+    Malformed PEM, a signature that does not match the key, an unsupported or
+    weak key all fail here, before anything is registered.
     """
-    if not _USER_ID.fullmatch(user):
-        raise ValueError(f"invalid user id {user!r}")
-    if not device or len(device) > _MAX_DEVICE_LENGTH or not device.isprintable():
-        raise ValueError(f"invalid device id {device!r}: expected 1 to {_MAX_DEVICE_LENGTH} printable characters")
-    if days <= 0:
-        raise ValueError(f"certificate lifetime must be positive, got {days} days")
-
     csr = x509.load_pem_x509_csr(csr_pem)  # ValueError when malformed
     try:
         signature_valid = csr.is_signature_valid
@@ -132,51 +189,36 @@ def issue_client_certificate(
         raise ValueError(f"unsupported CSR signature algorithm: {error}") from None
     if not signature_valid:
         raise ValueError("the CSR's signature does not match its public key")
-    public_key = csr.public_key()
-    _check_client_key(public_key)
+    _check_client_key(csr.public_key())
+    return csr
 
-    ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
-    ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
-    now = _now()
-    # A certificate outliving its issuer would fail verification anyway.
-    not_after = min(now + datetime.timedelta(days=days), ca_cert.not_valid_after_utc)
-    subject = x509.Name(
-        [
-            x509.NameAttribute(NameOID.USER_ID, user),
-            x509.NameAttribute(NameOID.COMMON_NAME, device),
-        ]
+
+def new_client_key_and_csr() -> tuple[bytes, bytes]:
+    """A fresh P-256 key and a CSR for it, as PEM: what a device makes (CLI, tests)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device")]))
+        .sign(key, hashes.SHA256())
     )
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca_cert.subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(digital_signature=True), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity_uri(user, device))]),
-            critical=False,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(_authority_key_identifier(ca_cert), critical=False)
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    key_pem = key.private_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.PKCS8,
+        encryption_algorithm=serialization.NoEncryption(),
     )
-    return _cert_pem(certificate)
+    return key_pem, csr.public_bytes(serialization.Encoding.PEM)
 
 
-def identity_uri(user: str, device: str) -> str:
-    """The SAN URI that names a device in its certificate."""
+def identity_uri(identity: DeviceIdentity) -> str:
+    """The SAN URI that names a device (and its registration) in its certificate."""
     # Percent-encoding keeps the URI ASCII (IA5String) and unambiguous even
     # when a device id holds '/' or non-ASCII characters.
-    return f"{IDENTITY_URI_PREFIX}{quote(user, safe='@')}/device/{quote(device, safe='@')}"
+    user, device, registration = (quote(part, safe="@") for part in identity)
+    return f"{IDENTITY_URI_PREFIX}{user}/device/{device}/registration/{registration}"
 
 
-def client_identity(cert_der_or_dict: bytes | Mapping[str, object] | None) -> tuple[str, str] | None:
-    """The (user, device) named by a peer certificate, or None.
+def client_identity(cert_der_or_dict: bytes | Mapping[str, object] | None) -> DeviceIdentity | None:
+    """The device named by a peer certificate, or None.
 
     Takes what ``SSLSocket.getpeercert(binary_form=True)`` returns (DER bytes,
     or None without a client certificate); the dict form of ``getpeercert()``
@@ -385,16 +427,16 @@ def _check_client_key(public_key: object) -> None:
         raise ValueError(f"unsupported key type {type(public_key).__name__} in CSR")
 
 
-def _parse_identity_uri(uri: str) -> tuple[str, str] | None:
+def _parse_identity_uri(uri: str) -> DeviceIdentity | None:
     if not uri.startswith(IDENTITY_URI_PREFIX):
         return None
     parts = uri[len(IDENTITY_URI_PREFIX):].split("/")
-    if len(parts) != 3 or parts[1] != "device":
+    if len(parts) != 5 or parts[1] != "device" or parts[3] != "registration":
         return None
-    user, device = unquote(parts[0]), unquote(parts[2])
-    if not user or not device:
+    identity = DeviceIdentity(unquote(parts[0]), unquote(parts[2]), unquote(parts[4]))
+    if not all(identity):
         return None
-    return user, device
+    return identity
 
 
 def _cert_pem(certificate: x509.Certificate) -> bytes:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
+import os
 import secrets
 import types
 from collections.abc import Collection, Mapping
@@ -18,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devastator.pki import PRIVATE_FILE_MODE, ensure_private_dir, write_file_atomically
+
+log = logging.getLogger(__name__)
 
 JWT_KEYS_FILE = "jwt-keys.json"
 SECRET_BYTES = 32
@@ -67,6 +71,41 @@ def rotate_jwt_keys(data_dir: Path) -> JwtKeys:
     rotated = JwtKeys(current_kid=kid, keys={**existing.keys, kid: secrets.token_bytes(SECRET_BYTES)})
     _save(jwt_keys_path(data_dir), rotated)
     return rotated
+
+
+class JwtKeyFile:
+    """The keys file as a running server sees it: read again whenever it changes.
+
+    ``jwt rotate`` runs in another process; a stat per use is how the server
+    notices, without a timer or a signal, and starts signing with the new key.
+    """
+
+    def __init__(self, data_dir: Path):
+        self._data_dir = Path(data_dir)
+        self._path = jwt_keys_path(data_dir)
+        self._keys: JwtKeys | None = None
+        self._stamp: tuple[int, int, int] | None = None
+
+    def keys(self) -> JwtKeys:
+        stamp = _file_stamp(self._path)
+        if self._keys is None or stamp != self._stamp:
+            try:
+                self._keys = ensure_jwt_keys(self._data_dir)
+            except (OSError, ValueError) as error:
+                if self._keys is None:
+                    raise
+                log.error("cannot reload JWT keys, still using the ones loaded before: %s", error)
+            self._stamp = _file_stamp(self._path)
+        return self._keys
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    # The inode changes with every atomic replace, even within one mtime tick.
+    return status.st_ino, status.st_mtime_ns, status.st_size
 
 
 def _new_kid(taken: Collection[str]) -> str:

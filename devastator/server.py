@@ -22,8 +22,11 @@ from .actors import DeviceActor, DeviceLimits, RouterActor, StoreActor, UserActo
 from .actors.messages import Inspect, Tick
 from .auth import JwtAuthority
 from .config import Settings
+from .oidc import OidcVerifier
 from .protocol import Limits
-from .secrets import ensure_jwt_keys
+from .registration import Registrar
+from .secrets import JwtKeyFile
+from .throttled_log import ThrottledLog
 from .store import SqliteStore, Store
 from .transports import HttpTransport, OutboundQueue, TlsTransport
 
@@ -54,7 +57,18 @@ class Server:
     def _start(self) -> None:
         settings = self.settings
         paths = pki.ensure_pki(settings.data_dir, _server_names(settings.host))
-        authority = JwtAuthority(ensure_jwt_keys(settings.data_dir))
+        key_file = JwtKeyFile(settings.data_dir)
+        key_file.keys()  # created on first start, and a broken file stops the start
+        authority = JwtAuthority(key_file)
+        registrar = Registrar(
+            authority=authority,
+            ca=pki.CertificateAuthority.load(paths),
+            verifier=_oidc_verifier(settings),
+            user_prefix=settings.oidc_user_prefix,
+            token_ttl=settings.token_ttl,
+            cert_days=settings.cert_days,
+        )
+        auth_log = ThrottledLog(logging.getLogger("devastator.auth"))
         store = self._store or SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
         self.store_ref = store_ref = StoreActor.start(store=store)
         self.router_ref = router_ref = RouterActor.start(
@@ -87,7 +101,13 @@ class Server:
 
         def new_device(outbound: OutboundQueue) -> pykka.ActorRef:
             device = DeviceActor.start(
-                connection=outbound, router=router_ref, store=store_ref, authority=authority, limits=limits
+                connection=outbound,
+                router=router_ref,
+                store=store_ref,
+                authority=authority,
+                registrar=registrar,
+                auth_log=auth_log,
+                limits=limits,
             )
             self._devices.add(device)
             return device
@@ -102,6 +122,7 @@ class Server:
             max_frame_bytes=settings.max_frame_bytes,
             max_outbound_bytes=settings.max_outbound_bytes,
             read_timeout=settings.read_timeout,
+            auth_log=auth_log,
         )
         self.http = HttpTransport(
             host=settings.host,
@@ -151,6 +172,19 @@ class Server:
                 ref.stop(timeout=timeout)
         self._stopped.set()
         log.info("Devastator stopped")
+
+
+def _oidc_verifier(settings: Settings) -> OidcVerifier | None:
+    if not settings.oidc_audiences:
+        return None  # auth.google answers that sign-in is not configured
+    return OidcVerifier(
+        issuers=settings.oidc_issuers,
+        audiences=settings.oidc_audiences,
+        jwks_url=settings.oidc_jwks_url,
+        ssl_context=pki.client_ssl_context(settings.oidc_ca_file) if settings.oidc_ca_file else None,
+        clock_skew=settings.oidc_clock_skew,
+        min_refresh_interval=settings.oidc_refresh_interval,
+    )
 
 
 def _server_names(host: str) -> tuple[str, ...]:

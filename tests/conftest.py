@@ -12,7 +12,8 @@ import pytest  # noqa: E402
 from devastator.auth import JwtAuthority  # noqa: E402
 from devastator.client import Client  # noqa: E402
 from devastator.config import Settings  # noqa: E402
-from devastator.secrets import ensure_jwt_keys  # noqa: E402
+from devastator.identity import DeviceIdentity  # noqa: E402
+from devastator.secrets import JwtKeyFile  # noqa: E402
 from devastator.server import Server  # noqa: E402
 from devastator.store import SqliteStore  # noqa: E402
 
@@ -41,7 +42,7 @@ class RunningServer:
     def __init__(self, server: Server):
         self.server = server
         self.settings = server.settings
-        self.authority = JwtAuthority(ensure_jwt_keys(self.settings.data_dir))
+        self.authority = JwtAuthority(JwtKeyFile(self.settings.data_dir))
         self._clients: list[Client] = []
 
     @property
@@ -56,17 +57,20 @@ class RunningServer:
     def ca(self) -> Path:
         return self.settings.data_dir / "ca.pem"
 
-    def token(self, user: str, device: str = "default", ttl: int = 3600) -> str:
-        """Create the user and device (as ``devastator token`` does) and mint a JWT."""
+    def register(self, user: str, device: str = "default") -> DeviceIdentity:
+        """Create the user and register the device, as ``devastator token`` does."""
         store = SqliteStore(self.settings.db_path)
         store.open()
         try:
             now = int(time.time() * 1000)
             store.add_user(user, now)
-            store.add_device(user, device, now)
+            return DeviceIdentity(user, device, store.add_device(user, device, now))
         finally:
             store.close()
-        return self.authority.mint(user, device, ttl)
+
+    def token(self, user: str, device: str = "default", ttl: int = 3600) -> str:
+        """Register the device (if new) and mint a JWT for it."""
+        return self.authority.mint(self.register(user, device), ttl)
 
     def tls_client(self, **kwargs) -> Client:
         host, port = self.tls_address

@@ -28,7 +28,14 @@ def test_every_field_reads_its_environment_variable():
     defaults = Settings()
     for field in dataclasses.fields(Settings):
         value = getattr(defaults, field.name)
-        text = str(value).lower() if isinstance(value, bool) else str(value)
+        if value is None or value == ():
+            continue  # unset: an empty variable counts as not given
+        if isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, tuple):
+            text = ",".join(value)
+        else:
+            text = str(value)
 
         settings = load_settings(env={f"DEVASTATOR_{field.name.upper()}": text})
 
@@ -319,3 +326,31 @@ def test_a_message_must_fit_in_a_frame_with_its_envelope():
     with pytest.raises(SettingsError, match="max_message_bytes"):
         Settings(max_frame_bytes=65536, max_message_bytes=65536)
     Settings(max_frame_bytes=65536 + 1024, max_message_bytes=65536)
+
+
+def test_oidc_settings_read_lists_and_optional_files(tmp_path):
+    settings = load_settings(
+        env={
+            "DEVASTATOR_OIDC_AUDIENCES": "web.apps.googleusercontent.com, ios.apps.googleusercontent.com",
+            "DEVASTATOR_OIDC_CA_FILE": str(tmp_path / "ca.pem"),
+        }
+    )
+    assert settings.oidc_audiences == ("web.apps.googleusercontent.com", "ios.apps.googleusercontent.com")
+    assert settings.oidc_ca_file == tmp_path / "ca.pem"
+    assert Settings().oidc_audiences == ()  # sign-in is off until an operator names a client id
+    assert Settings(oidc_issuers=["https://issuer.example"]).oidc_issuers == ("https://issuer.example",)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("oidc_jwks_url", "http://insecure.example/jwks"),
+        ("oidc_audiences", ["ok", ""]),
+        ("oidc_audiences", "not-a-list"),
+        ("oidc_user_prefix", "has-dash"),
+        ("oidc_clock_skew", -1),
+    ],
+)
+def test_bad_oidc_settings_name_the_setting(name, value):
+    with pytest.raises(SettingsError, match=name):
+        Settings().replace(**{name: value})

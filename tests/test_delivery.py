@@ -101,7 +101,7 @@ def test_a_device_that_first_authenticates_later_gets_what_is_still_stored(runni
     assert phone.receive(timeout=5)["id"] == sent["id"]
     # A brand-new device (never seen) gets the message the phone has not ACKed yet.
     tablet = running.tls_client()
-    assert tablet.auth_jwt(running.authority.mint("bob", "tablet", 60))["pending"] == 1
+    assert tablet.auth_jwt(running.token("bob", "tablet", 60))["pending"] == 1
     assert tablet.receive(timeout=5)["id"] == sent["id"]
 
 
@@ -110,7 +110,7 @@ def test_messages_wait_for_a_user_with_no_device_yet(running):
     running.token("carol", "first")  # creates carol and the device "first"
     sent = alice.send("carol", "welcome")
     carol = running.tls_client()
-    assert carol.auth_jwt(running.authority.mint("carol", "first", 60))["pending"] == 1
+    assert carol.auth_jwt(running.token("carol", "first", 60))["pending"] == 1
     assert carol.receive(timeout=5)["id"] == sent["id"]
 
 

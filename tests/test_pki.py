@@ -14,13 +14,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from devastator.identity import DeviceIdentity
 from devastator.pki import (
+    CertificateAuthority,
     PkiError,
     PkiPaths,
     client_identity,
     client_ssl_context,
     ensure_pki,
-    issue_client_certificate,
+    load_csr,
+    new_client_key_and_csr,
     server_ssl_context,
 )
 
@@ -46,6 +49,11 @@ def make_csr(key, common_name: str = "whatever the device asks for") -> bytes:
         .sign(key, hashes.SHA256())
     )
     return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def issue(paths: PkiPaths, csr_pem: bytes, *, user: str, device: str, days: int, registration: str = "r1") -> bytes:
+    ca = CertificateAuthority.load(paths)
+    return ca.issue_client_certificate(load_csr(csr_pem), DeviceIdentity(user, device, registration), days=days)
 
 
 def write_key(key, path: Path) -> Path:
@@ -190,7 +198,7 @@ def test_server_certificate_names_hosts(tmp_path):
 def test_issued_client_certificate(pki):
     device_key = ec.generate_private_key(ec.SECP256R1())
 
-    pem = issue_client_certificate(pki, make_csr(device_key), user="alice", device="phone", days=30)
+    pem = issue(pki, make_csr(device_key), user="alice", device="phone", days=30)
 
     cert = x509.load_pem_x509_certificate(pem)
     cert.verify_directly_issued_by(load_cert(pki.ca_cert))
@@ -198,7 +206,7 @@ def test_issued_client_certificate(pki):
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "phone"
     assert cert.subject.get_attributes_for_oid(NameOID.USER_ID)[0].value == "alice"
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert names.get_values_for_type(x509.UniformResourceIdentifier) == ["devastator:user/alice/device/phone"]
+    assert names.get_values_for_type(x509.UniformResourceIdentifier) == ["devastator:user/alice/device/phone/registration/r1"]
     assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
         ExtendedKeyUsageOID.CLIENT_AUTH
     ]
@@ -206,16 +214,16 @@ def test_issued_client_certificate(pki):
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     assert datetime.timedelta(days=30) <= lifetime <= datetime.timedelta(days=30, minutes=6)
-    assert client_identity(cert.public_bytes(serialization.Encoding.DER)) == ("alice", "phone")
+    assert client_identity(cert.public_bytes(serialization.Encoding.DER)) == ("alice", "phone", "r1")
 
 
 def test_identity_survives_awkward_device_ids(pki):
     device_key = ec.generate_private_key(ec.SECP256R1())
 
-    pem = issue_client_certificate(pki, make_csr(device_key), user="bob@example.org", device="tab/2 é", days=1)
+    pem = issue(pki, make_csr(device_key), user="bob@example.org", device="tab/2 é", days=1)
 
     der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
-    assert client_identity(der) == ("bob@example.org", "tab/2 é")
+    assert client_identity(der) == ("bob@example.org", "tab/2 é", "r1")
 
 
 def test_csr_with_bad_signature_is_rejected(pki):
@@ -226,19 +234,19 @@ def test_csr_with_bad_signature_is_rejected(pki):
     tampered_pem = tampered.public_bytes(serialization.Encoding.PEM)
 
     with pytest.raises(ValueError, match="signature"):
-        issue_client_certificate(pki, tampered_pem, user="alice", device="phone", days=30)
+        issue(pki, tampered_pem, user="alice", device="phone", days=30)
 
 
 def test_garbage_csr_is_rejected(pki):
     with pytest.raises(ValueError):
-        issue_client_certificate(pki, b"not a csr", user="alice", device="phone", days=30)
+        issue(pki, b"not a csr", user="alice", device="phone", days=30)
 
 
 def test_weak_rsa_key_is_rejected(pki):
     weak_key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
 
     with pytest.raises(ValueError, match="RSA"):
-        issue_client_certificate(pki, make_csr(weak_key), user="alice", device="phone", days=30)
+        issue(pki, make_csr(weak_key), user="alice", device="phone", days=30)
 
 
 @pytest.mark.parametrize(
@@ -249,7 +257,7 @@ def test_bad_identities_are_rejected(pki, user, device):
     device_key = ec.generate_private_key(ec.SECP256R1())
 
     with pytest.raises(ValueError):
-        issue_client_certificate(pki, make_csr(device_key), user=user, device=device, days=30)
+        issue(pki, make_csr(device_key), user=user, device=device, days=30)
 
 
 def test_client_identity_without_identity():
@@ -260,9 +268,29 @@ def test_client_identity_without_identity():
 
 
 def test_client_identity_from_getpeercert_dict():
-    peer = {"subjectAltName": (("DNS", "x"), ("URI", "devastator:user/alice/device/phone"))}
+    peer = {"subjectAltName": (("DNS", "x"), ("URI", "devastator:user/alice/device/phone/registration/r1"))}
 
-    assert client_identity(peer) == ("alice", "phone")
+    assert client_identity(peer) == ("alice", "phone", "r1")
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "devastator:user/alice/device/phone",  # no registration: from before revocation existed
+        "devastator:user/alice/device/phone/registration/",
+        "devastator:user/alice/phone/registration/r1",
+        "https://example.org/alice",
+    ],
+)
+def test_identity_uris_that_name_no_device(uri):
+    assert client_identity({"subjectAltName": (("URI", uri),)}) is None
+
+
+def test_a_made_key_and_csr_get_a_certificate_for_that_key(pki):
+    key_pem, csr_pem = new_client_key_and_csr()
+    certificate = x509.load_pem_x509_certificate(issue(pki, csr_pem, user="alice", device="phone", days=1))
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    assert certificate.public_key() == key.public_key()
 
 
 def test_certificate_without_identity_uri(pki):
@@ -284,13 +312,13 @@ def test_handshake_with_issued_client_certificate(pki, tmp_path):
     device_key = ec.generate_private_key(ec.SECP256R1())
     key_path = write_key(device_key, tmp_path / "device.key")
     cert_path = tmp_path / "device.pem"
-    cert_path.write_bytes(issue_client_certificate(pki, make_csr(device_key), user="alice", device="phone", days=30))
+    cert_path.write_bytes(issue(pki, make_csr(device_key), user="alice", device="phone", days=30))
     client_context = client_ssl_context(pki.ca_cert, cert=cert_path, key=key_path)
 
     outcome = tls_exchange(server_ssl_context(pki), client_context, "localhost")
 
     assert outcome.get("reply") == b"ok", outcome
-    assert client_identity(outcome["peer_cert"]) == ("alice", "phone")
+    assert client_identity(outcome["peer_cert"]) == ("alice", "phone", "r1")
 
 
 @pytest.mark.parametrize("tls_version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])

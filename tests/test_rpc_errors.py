@@ -402,7 +402,7 @@ def test_auth_jwt_signed_by_another_secret(running, raw, others):
 
 def test_auth_jwt_expired_token(running, raw, others):
     running.token("alice")
-    expired = running.authority.mint("alice", "default", ttl_seconds=-100)
+    expired = running.authority.mint(running.register("alice"), ttl_seconds=-100)
     assert_error(raw.call("auth.jwt", {"token": expired}, id="exp"), FORBIDDEN, "exp")
     raw.assert_open()
     assert raw.auth(running.token("alice"))["user"] == "alice"

@@ -18,8 +18,10 @@ DEFAULT_MAX_FRAME_BYTES = 1 << 20
 class RawTls:
     """A TLS socket that writes raw bytes and reads whole JSON values back."""
 
-    def __init__(self, running: RunningServer, timeout: float = READ_TIMEOUT):
+    def __init__(self, running: RunningServer, timeout: float = READ_TIMEOUT, *, cert=None, key=None):
         context = ssl.create_default_context(cafile=str(running.ca))
+        if cert is not None:
+            context.load_cert_chain(str(cert), str(key))
         raw = socket.create_connection(running.tls_address, timeout=timeout)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = context.wrap_socket(raw, server_hostname="localhost")

@@ -18,6 +18,7 @@ import orjson
 import pykka
 
 from .. import protocol
+from ..identity import DeviceIdentity
 from ..protocol import (
     Batch,
     ErrorResponse,
@@ -52,7 +53,10 @@ from .messages import (
     DeviceOnline,
     Inspect,
     Received,
+    Register,
+    Registered,
     Replaced,
+    Revoked,
     SendResults,
 )
 
@@ -66,7 +70,7 @@ class Outbound(Protocol):
     """The transport side a device actor writes to (see transports/)."""
 
     remote: str
-    peer_identity: tuple[str, str] | None  # (user, device) of a verified client certificate
+    peer_identity: DeviceIdentity | None  # named by a client certificate the handshake verified
 
     def send(self, bodies: Sequence[bytes]) -> None:
         """Queue JSON values to write, without blocking."""
@@ -76,8 +80,24 @@ class Outbound(Protocol):
 
 
 class Authority(Protocol):
-    def verify(self, token: str) -> tuple[str, str]:
-        """(user, device) of a valid token; raises Forbidden."""
+    def verify(self, token: str) -> DeviceIdentity:
+        """The device a valid token names; raises Forbidden."""
+
+
+class Registrar(Protocol):
+    """Sign-in and credentials for ``auth.google`` (see registration.py)."""
+
+    def sign_in(self, id_token: str) -> str: ...
+
+    def check_csr(self, csr_pem: str | None): ...
+
+    def credentials(self, identity: DeviceIdentity, csr) -> dict: ...
+
+    def new_device_id(self) -> str: ...
+
+
+class AuthLog(Protocol):
+    def warning(self, cause: str, message: str, *args) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -119,6 +139,8 @@ class DeviceActor(pykka.ThreadingActor):
         router: pykka.ActorRef,
         store: pykka.ActorRef,
         authority: Authority,
+        registrar: Registrar,
+        auth_log: AuthLog,
         limits: DeviceLimits,
     ):
         super().__init__()
@@ -126,6 +148,8 @@ class DeviceActor(pykka.ThreadingActor):
         self._router = router
         self._store = store
         self._authority = authority
+        self._registrar = registrar
+        self._auth_log = auth_log
         self._limits = limits
         self._keys = itertools.count(1)
         self._echo_ids = itertools.count(1)
@@ -138,6 +162,10 @@ class DeviceActor(pykka.ThreadingActor):
         self.device: str | None = None
         self._user_ref: pykka.ActorRef | None = None
         self._announced: tuple[str, str] | None = None  # told the router DeviceOnline for this
+        # auth.google waiting for the store: request key -> the CSR to sign once registered, if any
+        self._registering: dict[int, object] = {}
+        # What an auth.google answer adds to user and device, by request key.
+        self._issued: dict[int, dict] = {}
         self._closed = False
 
     # -- pykka ------------------------------------------------------------------
@@ -164,14 +192,15 @@ class DeviceActor(pykka.ThreadingActor):
             self._deliver(message)
         elif isinstance(message, Authenticated):
             self._on_authenticated(message)
+        elif isinstance(message, Registered):
+            self._on_registered(message)
         elif isinstance(message, AuthFailed):
-            self._authenticating = False
-            self._announce_offline()
-            self._resolve(message.request_key, error=message.error)
-            self._release_held()
+            self._auth_failed(message.request_key, message.error)
         elif isinstance(message, Replaced):
             log.debug("%s: device %s/%s connected again elsewhere", self._connection.remote, self.user,
                       self.device)
+            self._close()
+        elif isinstance(message, Revoked):
             self._close()
         elif isinstance(message, ConnectionLost):
             self._on_connection_lost()
@@ -274,29 +303,72 @@ class DeviceActor(pykka.ThreadingActor):
             raise MethodNotFound(f"no method {method!r}")
         if self.user is not None:
             raise InvalidRequest("this connection is already authenticated")
-        if method == "auth.jwt":
-            user, device = self._authority.verify(protocol.parse_auth_jwt(params).token)
-        elif method == "auth.cert":
-            if self._connection.peer_identity is None:
+        try:
+            if method == "auth.google":
+                self._register(params, request_id, notification, batch)
+                return
+            if method == "auth.jwt":
+                identity = self._authority.verify(protocol.parse_auth_jwt(params).token)
+            elif self._connection.peer_identity is None:
                 raise Forbidden("no verified client certificate on this connection")
-            user, device = self._connection.peer_identity
-        else:
-            protocol.parse_auth_google(params)
-            raise Forbidden("Google sign-in is not configured on this server")
+            else:
+                identity = self._connection.peer_identity
+        except Forbidden as error:
+            self._log_refusal(method, error)
+            raise
+        self._go_online(identity, self._wait(request_id, notification, batch))
+
+    def _register(self, params, request_id, notification, batch) -> None:
+        google = protocol.parse_auth_google(params)
+        csr = self._registrar.check_csr(google.csr)  # a bad CSR registers nothing
+        # May wait for the provider's key set: nothing else is due on this connection meanwhile.
+        user = self._registrar.sign_in(google.token)
+        device = google.device or self._registrar.new_device_id()
         key = self._wait(request_id, notification, batch)
         self._authenticating = True
-        self._announced = (user, device)
-        self._router.tell(DeviceOnline(user, device, self.actor_ref, key))
+        self._registering[key] = csr
+        self._store.tell(Register(user, device, key, self.actor_ref))
+
+    def _on_registered(self, registered: Registered) -> None:
+        csr = self._registering.pop(registered.request_key, None)
+        if registered.error is not None:
+            self._auth_failed(registered.request_key, registered.error)
+            return
+        identity = DeviceIdentity(registered.user, registered.device, registered.registration)
+        self._issued[registered.request_key] = self._registrar.credentials(identity, csr)
+        self._go_online(identity, registered.request_key)
+
+    def _go_online(self, identity: DeviceIdentity, key: int) -> None:
+        self._authenticating = True
+        self._announced = (identity.user, identity.device)
+        self._router.tell(DeviceOnline(identity.user, identity.device, identity.registration, self.actor_ref, key))
 
     def _on_authenticated(self, authenticated: Authenticated) -> None:
         self._authenticating = False
         self.user, self.device = authenticated.user, authenticated.device
         self._user_ref = authenticated.user_ref
-        self._resolve(
-            authenticated.request_key,
-            result={"user": self.user, "device": self.device, "pending": authenticated.pending},
-        )
+        issued = self._issued.pop(authenticated.request_key, None)
+        result = {"user": self.user, "device": self.device}
+        if issued is None:
+            result["pending"] = authenticated.pending
+        else:
+            result.update(issued)
+        self._resolve(authenticated.request_key, result=result)
         self._release_held()
+
+    def _auth_failed(self, key: int, error: RpcError) -> None:
+        self._authenticating = False
+        self._issued.pop(key, None)
+        self._announce_offline()
+        if isinstance(error, Forbidden):
+            self._log_refusal("auth", error)
+        self._resolve(key, error=error)
+        self._release_held()
+
+    def _log_refusal(self, method: str, error: RpcError) -> None:
+        self._auth_log.warning(
+            f"{method}: {error.message}", "%s refused for %s: %s", method, self._connection.remote, error.message
+        )
 
     def _send(self, params, request_id, notification, batch) -> None:
         send = protocol.parse_send(params, self._limits.message_limits)

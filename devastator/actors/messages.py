@@ -76,8 +76,11 @@ class Committed:
 
 @dataclass(frozen=True, slots=True)
 class DeviceOnline:
+    """A connection presents credentials for a device; the store checks ``registration``."""
+
     user: str
     device: str
+    registration: str
     device_ref: ActorRef
     request_key: int
 
@@ -96,6 +99,7 @@ class DeviceOffline:
 class AttachDevice:
     user: str
     device: str
+    registration: str
     device_ref: ActorRef
     request_key: int
     reply_to: ActorRef
@@ -138,6 +142,53 @@ class Ack:
 @dataclass(frozen=True, slots=True)
 class PurgeExpired:
     pass
+
+
+# -- registration: device -> store -> device --------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    """Create the user if new and register the device (``auth.google``)."""
+
+    user: str
+    device: str
+    request_key: int
+    reply_to: ActorRef
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    request_key: int
+    user: str
+    device: str
+    registration: str | None = None
+    error: RpcError | None = None
+
+
+# -- removed devices: router -> store -> router -> user -> device -------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PollRemovals:
+    after: int | None  # the cursor of the last answer; None: start from now
+    reply_to: ActorRef
+
+
+@dataclass(frozen=True, slots=True)
+class DevicesRemoved:
+    cursor: int | None
+    devices: tuple[tuple[str, str], ...]  # (user, device)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRemoved:
+    device: str
+
+
+@dataclass(frozen=True, slots=True)
+class Revoked:
+    """The device was removed: its connection closes."""
 
 
 # -- user -> device -------------------------------------------------------------

@@ -4,6 +4,9 @@ User actors hold no truth of their own (the store does), so the router stops
 those that have had no device online for a while: a million users do not need
 a million live actors. Every device coming and going passes through here,
 which is what lets the router know when a user actor is idle without asking it.
+
+It also polls the store for removed devices (an operator may remove one from
+another process) and has their connections closed.
 """
 from __future__ import annotations
 
@@ -15,7 +18,18 @@ from typing import Callable
 
 import pykka
 
-from .messages import Committed, DeviceOffline, DeviceOnline, Inspect, PurgeExpired, Tick, tell_if_alive
+from .messages import (
+    Committed,
+    DeviceOffline,
+    DeviceOnline,
+    DeviceRemoved,
+    DevicesRemoved,
+    Inspect,
+    PollRemovals,
+    PurgeExpired,
+    Tick,
+    tell_if_alive,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +49,7 @@ class RouterActor(pykka.ThreadingActor):
         start_user: Callable[[str], pykka.ActorRef],
         user_idle_timeout: float,
         purge_interval: float = 10.0,
+        removals_interval: float = 1.0,
     ):
         super().__init__()
         self._store = store
@@ -42,8 +57,17 @@ class RouterActor(pykka.ThreadingActor):
         self._user_idle_timeout = user_idle_timeout
         self._purge_interval = purge_interval
         self._next_purge = 0.0
+        self._removals_interval = removals_interval
+        self._next_removals_poll = 0.0
+        self._removals_cursor: int | None = None
+        self._polling_removals = False
         self._now = time.monotonic()  # the last tick's time: idleness is measured in ticks' clock
         self._users: dict[str, _LiveUser] = {}
+
+    def on_start(self) -> None:
+        # The cursor of now: removals before this start closed no connection of ours.
+        self._polling_removals = True
+        self._store.tell(PollRemovals(None, self.actor_ref))
 
     def on_stop(self) -> None:
         for live in self._users.values():
@@ -67,6 +91,8 @@ class RouterActor(pykka.ThreadingActor):
                 self._tell_user(message.user, live, message)
         elif isinstance(message, Tick):
             self._tick(message)
+        elif isinstance(message, DevicesRemoved):
+            self._on_devices_removed(message)
         elif isinstance(message, Inspect):
             return {user: {"online": live.online} for user, live in self._users.items()}
         return None
@@ -85,6 +111,10 @@ class RouterActor(pykka.ThreadingActor):
         if tick.now >= self._next_purge:
             self._next_purge = tick.now + self._purge_interval
             self._store.tell(PurgeExpired())
+        if tick.now >= self._next_removals_poll and not self._polling_removals:
+            self._next_removals_poll = tick.now + self._removals_interval
+            self._polling_removals = True
+            self._store.tell(PollRemovals(self._removals_cursor, self.actor_ref))
         idle = []
         for user, live in list(self._users.items()):
             if live.online > 0:
@@ -94,6 +124,15 @@ class RouterActor(pykka.ThreadingActor):
         for user in idle:
             # Messages already in its inbox are handled before it stops.
             self._users.pop(user).ref.stop(block=False)
+
+    def _on_devices_removed(self, removed: DevicesRemoved) -> None:
+        self._polling_removals = False
+        self._removals_cursor = removed.cursor
+        for user, device in removed.devices:
+            live = self._users.get(user)
+            if live is not None:
+                log.debug("device %s/%s was removed: closing its connection", user, device)
+                self._tell_user(user, live, DeviceRemoved(device))
 
     def _tell_user(self, user: str, live: _LiveUser, message) -> None:
         if not tell_if_alive(live.ref, message) and self._users.get(user) is live:

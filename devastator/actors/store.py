@@ -18,17 +18,21 @@ import gevent.event
 import pykka
 
 from ..protocol.errors import Forbidden, InternalError, UnknownRecipient
-from ..store import Store, UnknownUserError
+from ..store import Store, UnknownDeviceError, UnknownUserError
 from .messages import (
     Ack,
     Append,
     AttachDevice,
     Committed,
     DeviceAttached,
+    DevicesRemoved,
     Inspect,
     LoadPending,
     PendingLoaded,
+    PollRemovals,
     PurgeExpired,
+    Register,
+    Registered,
     SendResult,
     SendResults,
     tell_if_alive,
@@ -129,15 +133,23 @@ class StoreActor(pykka.ThreadingActor):
             )
         if isinstance(request, AttachDevice):
             try:
-                attachment = store.attach_device(request.user, request.device, now_ms)
+                attachment = store.attach_device(request.user, request.device, request.registration, now_ms)
             except UnknownUserError:
+                error = Forbidden("the user of these credentials does not exist")
+            except UnknownDeviceError:
+                error = Forbidden("these credentials were revoked: the device was removed")
+            else:
                 return DeviceAttached(
-                    request.device, request.device_ref, request.request_key,
-                    error=Forbidden(f"user {request.user!r} does not exist"),
+                    request.device, request.device_ref, request.request_key, pending=attachment.pending
                 )
-            return DeviceAttached(
-                request.device, request.device_ref, request.request_key, pending=attachment.pending
-            )
+            return DeviceAttached(request.device, request.device_ref, request.request_key, error=error)
+        if isinstance(request, Register):
+            store.add_user(request.user, now_ms)
+            registration = store.add_device(request.user, request.device, now_ms)
+            return Registered(request.request_key, request.user, request.device, registration)
+        if isinstance(request, PollRemovals):
+            removed = store.removed_devices(request.after)
+            return DevicesRemoved(removed.cursor, removed.devices)
         if isinstance(request, PurgeExpired):
             purged = store.purge_expired(now_ms)
             if purged:
@@ -155,7 +167,7 @@ class StoreActor(pykka.ThreadingActor):
                 results[request.reply_to].append(result)
                 if messages:
                     committed[request.notify].extend(messages)
-            elif isinstance(request, (LoadPending, AttachDevice)):
+            elif isinstance(request, (LoadPending, AttachDevice, Register, PollRemovals)):
                 tell_if_alive(request.reply_to, outcome)
         for ref, batch in committed.items():
             tell_if_alive(ref, Committed(tuple(batch)))
@@ -171,4 +183,8 @@ def _failed(request):
         return PendingLoaded(request.device, request.after_seq, (), complete=False, failed=True)
     if isinstance(request, AttachDevice):
         return DeviceAttached(request.device, request.device_ref, request.request_key, error=error)
+    if isinstance(request, Register):
+        return Registered(request.request_key, request.user, request.device, error=error)
+    if isinstance(request, PollRemovals):
+        return DevicesRemoved(request.after, ())
     return None

@@ -28,10 +28,12 @@ from .messages import (
     DeviceAttached,
     DeviceOffline,
     DeviceOnline,
+    DeviceRemoved,
     Inspect,
     LoadPending,
     PendingLoaded,
     Replaced,
+    Revoked,
     Tick,
     tell_if_alive,
 )
@@ -47,8 +49,9 @@ class _InFlight:
 
 @dataclass
 class _DeviceSlot:
+    """An attached device: its credentials were checked and its backlog counted."""
+
     ref: pykka.ActorRef
-    attached: bool = False
     cursor: int = 0
     loading: bool = False
     caught_up: bool = False  # nothing waits in the store beyond the cursor
@@ -84,6 +87,8 @@ class UserActor(pykka.ThreadingActor):
         self._clock = clock
         self._wall_clock_ms = wall_clock_ms
         self._devices: dict[str, _DeviceSlot] = {}
+        # Connections whose credentials the store is checking: device actor -> device id.
+        self._attaching: dict[pykka.ActorRef, str] = {}
 
     def on_receive(self, message):
         if isinstance(message, Committed):
@@ -97,9 +102,14 @@ class UserActor(pykka.ThreadingActor):
         elif isinstance(message, DeviceAttached):
             self._on_attached(message)
         elif isinstance(message, DeviceOffline):
+            self._attaching.pop(message.device_ref, None)
             slot = self._devices.get(message.device)
             if slot is not None and slot.ref == message.device_ref:
                 del self._devices[message.device]
+        elif isinstance(message, DeviceRemoved):
+            slot = self._devices.pop(message.device, None)
+            if slot is not None:
+                tell_if_alive(slot.ref, Revoked())
         elif isinstance(message, Tick):
             self._on_tick(message)
         elif isinstance(message, Inspect):
@@ -109,30 +119,33 @@ class UserActor(pykka.ThreadingActor):
     # -- devices coming and going ---------------------------------------------
 
     def _on_online(self, online: DeviceOnline) -> None:
-        previous = self._devices.get(online.device)
-        if previous is not None and previous.ref != online.device_ref:
-            tell_if_alive(previous.ref, Replaced())
-        self._devices[online.device] = _DeviceSlot(online.device_ref)
+        # The connection it may replace stays until these credentials prove good.
+        self._attaching[online.device_ref] = online.device
         self._store.tell(
-            AttachDevice(self.user, online.device, online.device_ref, online.request_key, self.actor_ref)
+            AttachDevice(
+                self.user, online.device, online.registration, online.device_ref, online.request_key,
+                self.actor_ref,
+            )
         )
 
     def _on_attached(self, attached: DeviceAttached) -> None:
-        slot = self._devices.get(attached.device)
-        if slot is None or slot.ref != attached.device_ref:
-            return  # that connection is gone or was replaced meanwhile
+        device = self._attaching.pop(attached.device_ref, None)
+        if device is None:
+            return  # that connection is gone meanwhile
         if attached.error is not None:
-            del self._devices[attached.device]
-            tell_if_alive(slot.ref, AuthFailed(attached.request_key, attached.error))
+            tell_if_alive(attached.device_ref, AuthFailed(attached.request_key, attached.error))
             return
-        slot.attached = True
+        previous = self._devices.get(device)
+        if previous is not None and previous.ref != attached.device_ref:
+            tell_if_alive(previous.ref, Replaced())
+        slot = self._devices[device] = _DeviceSlot(attached.device_ref)
         self._tell_device(
-            attached.device,
+            device,
             slot,
-            Authenticated(self.user, attached.device, self.actor_ref, attached.pending, attached.request_key),
+            Authenticated(self.user, device, self.actor_ref, attached.pending, attached.request_key),
         )
-        if attached.device in self._devices:
-            self._load(attached.device, slot)
+        if device in self._devices:
+            self._load(device, slot)
 
     # -- the backlog in the store ------------------------------------------------
 
@@ -163,8 +176,6 @@ class UserActor(pykka.ThreadingActor):
 
     def _on_committed(self, committed: Committed) -> None:
         for device, slot in list(self._devices.items()):
-            if not slot.attached:
-                continue  # its attachment's first page will hold these
             if slot.loading:
                 slot.stale = True
                 continue
@@ -226,8 +237,6 @@ class UserActor(pykka.ThreadingActor):
         deadline = tick.now - self._ack_timeout
         now_ms = self._wall_clock_ms()
         for device, slot in list(self._devices.items()):
-            if not slot.attached:
-                continue
             expired = [mid for mid, flight in slot.inflight.items() if flight.message.expires <= now_ms]
             for message_id in expired:
                 slot.inflight_bytes -= _cost(slot.inflight.pop(message_id).message)  # purged by the store
@@ -247,7 +256,6 @@ class UserActor(pykka.ThreadingActor):
             "user": self.user,
             "devices": {
                 device: {
-                    "attached": slot.attached,
                     "in_flight": len(slot.inflight),
                     "oldest_in_flight_age": max((now - f.sent_at for f in slot.inflight.values()), default=0.0),
                     "cursor": slot.cursor,
@@ -255,6 +263,7 @@ class UserActor(pykka.ThreadingActor):
                 }
                 for device, slot in self._devices.items()
             },
+            "attaching": sorted(self._attaching.values()),
         }
 
 

@@ -1,13 +1,26 @@
 """Durable storage behind one small interface (``Store``)."""
-from .base import Accepted, Attachment, Store, StoredMessage, UnknownUserError, MessageIds
+from .base import (
+    Accepted,
+    Attachment,
+    DeviceRecord,
+    MessageIds,
+    RemovedDevices,
+    Store,
+    StoredMessage,
+    UnknownDeviceError,
+    UnknownUserError,
+)
 from .sqlite import SqliteStore
 
 __all__ = [
     "Accepted",
     "Attachment",
+    "DeviceRecord",
+    "MessageIds",
+    "RemovedDevices",
     "SqliteStore",
     "Store",
     "StoredMessage",
+    "UnknownDeviceError",
     "UnknownUserError",
-    "MessageIds",
 ]

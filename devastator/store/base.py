@@ -44,8 +44,29 @@ class Attachment:
     pending: int
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    """A registered device, as operators see it."""
+
+    device: str
+    created: int  # ms since the epoch, when it was registered
+    attached: int | None  # ms since the epoch of its first authentication, None until then
+
+
+@dataclass(frozen=True, slots=True)
+class RemovedDevices:
+    """Devices removed since a cursor, oldest first, and the cursor to ask from next."""
+
+    cursor: int
+    devices: tuple[tuple[str, str], ...]  # (user, device)
+
+
 class UnknownUserError(LookupError):
     """A named user does not exist; ``args[0]`` lists the unknown ids."""
+
+
+class UnknownDeviceError(LookupError):
+    """No such device, or credentials from an earlier registration of it."""
 
 
 class Store(Protocol):
@@ -67,10 +88,12 @@ class Store(Protocol):
     ) -> Accepted:
         """Store a message for every recipient; raises UnknownUserError."""
 
-    def attach_device(self, user: str, device: str, now_ms: int) -> Attachment:
-        """Register the device if new; a first-time device gets the user's stored messages.
+    def attach_device(self, user: str, device: str, registration: str, now_ms: int) -> Attachment:
+        """A device authenticates: its first time, it gets the user's stored messages.
 
-        Raises UnknownUserError for a user that does not exist.
+        Raises UnknownUserError for a user that does not exist, and
+        UnknownDeviceError unless the device is registered under
+        ``registration`` (removed devices and stale credentials fail here).
         """
 
     def load_pending(
@@ -93,11 +116,29 @@ class Store(Protocol):
     # Operators' calls (CLI, console); not on the delivery path.
     def add_user(self, user: str, now_ms: int) -> bool: ...
 
-    def add_device(self, user: str, device: str, now_ms: int) -> bool: ...
+    def add_device(self, user: str, device: str, now_ms: int) -> str:
+        """Register the device if new; its registration id, which its credentials carry.
+
+        Raises UnknownUserError.
+        """
+
+    def remove_device(self, user: str, device: str, now_ms: int) -> bool:
+        """Forget the device (its credentials stop working); False if there was none.
+
+        Messages only it waited for are retired, unless the user has no
+        device left: then they wait for the next one, as for a new user.
+        """
+
+    def removed_devices(self, after: int | None) -> RemovedDevices:
+        """Devices removed after the cursor ``after``; None: none, just the cursor of now.
+
+        Servers poll this to close the connections of removed devices, also
+        when another process (the CLI) removed them.
+        """
 
     def list_users(self) -> list[str]: ...
 
-    def list_devices(self, user: str) -> list[str]: ...
+    def list_devices(self, user: str) -> list[DeviceRecord]: ...
 
 
 class MessageIds:

@@ -2,16 +2,27 @@
 
 Tables: users, devices, messages (one row per recipient's mailbox entry, its
 ``seq`` the acceptance order), pending (which device still waits for which
-mailbox entry) and sends (the ``cid`` idempotency records). A message is
-retired when no pending row points at it any more, or when it expires.
+mailbox entry), sends (the ``cid`` idempotency records) and removals (the
+devices removed lately, which running servers poll). A message is retired
+when no pending row points at it any more, or when it expires.
 """
 from __future__ import annotations
 
+import secrets
 import sqlite3
 from pathlib import Path
 from typing import Sequence
 
-from .base import Accepted, Attachment, MessageIds, StoredMessage, UnknownUserError
+from .base import (
+    Accepted,
+    Attachment,
+    DeviceRecord,
+    MessageIds,
+    RemovedDevices,
+    StoredMessage,
+    UnknownDeviceError,
+    UnknownUserError,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -23,6 +34,7 @@ CREATE TABLE IF NOT EXISTS devices (
     device TEXT NOT NULL,
     created INTEGER NOT NULL,
     attached INTEGER,              -- first authentication, NULL until then
+    registration TEXT,             -- carried by the device's credentials
     PRIMARY KEY (user, device)
 ) WITHOUT ROWID;
 -- AUTOINCREMENT: a seq is never reused, so a device's "after seq" cursor stays right.
@@ -53,7 +65,18 @@ CREATE TABLE IF NOT EXISTS sends (
     PRIMARY KEY (sender, cid)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sends_by_expiry ON sends (expires);
+CREATE TABLE IF NOT EXISTS removals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user TEXT NOT NULL,
+    device TEXT NOT NULL,
+    ts INTEGER NOT NULL
+);
 """
+# Columns added after a table was first created: (table, column, declaration).
+LATER_COLUMNS = (("devices", "registration", "TEXT"),)
+# Servers poll removals every second or so; a day is ample for one to catch up.
+REMOVALS_KEPT_MS = 24 * 3600 * 1000
+REGISTRATION_BYTES = 12
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 KNOWN_USERS_KEPT = 100_000
@@ -89,6 +112,10 @@ class SqliteStore:
         db.execute("PRAGMA wal_autocheckpoint = 65536")
         db.execute(f"PRAGMA journal_size_limit = {64 << 20}")
         db.executescript(SCHEMA)
+        for table, column, declaration in LATER_COLUMNS:
+            columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
         self._db = db
         self._checkpointer = self._connect()
 
@@ -173,25 +200,20 @@ class SqliteStore:
                 )
         return Accepted(id=message_id, ts=now_ms, expires=expires, messages=tuple(stored))
 
-    def attach_device(self, user: str, device: str, now_ms: int) -> Attachment:
+    def attach_device(self, user: str, device: str, registration: str, now_ms: int) -> Attachment:
         db = self._conn
         with self.batch():
             row = db.execute(
-                "SELECT attached FROM devices WHERE user = ? AND device = ?", (user, device)
+                "SELECT attached, registration FROM devices WHERE user = ? AND device = ?", (user, device)
             ).fetchone()
-            if row is None or row[0] is None:
+            if row is None or row[1] != registration:
                 if not self._user_exists(user):
                     raise UnknownUserError([user])
-                if row is None:
-                    db.execute(
-                        "INSERT INTO devices (user, device, created, attached) VALUES (?, ?, ?, ?)",
-                        (user, device, now_ms, now_ms),
-                    )
-                else:
-                    db.execute(
-                        "UPDATE devices SET attached = ? WHERE user = ? AND device = ?",
-                        (now_ms, user, device),
-                    )
+                raise UnknownDeviceError(user, device)
+            if row[0] is None:
+                db.execute(
+                    "UPDATE devices SET attached = ? WHERE user = ? AND device = ?", (now_ms, user, device)
+                )
                 # A device's first authentication: it gets what is still stored for its user.
                 db.execute(
                     "INSERT OR IGNORE INTO pending (user, device, seq)"
@@ -242,6 +264,11 @@ class SqliteStore:
             )
             purged = db.execute("DELETE FROM messages WHERE expires <= ?", (now_ms,)).rowcount
             db.execute("DELETE FROM sends WHERE expires <= ?", (now_ms,))
+            # Keep the newest removal row: its id is the cursor pollers resume from.
+            db.execute(
+                "DELETE FROM removals WHERE ts <= ? AND id < (SELECT max(id) FROM removals)",
+                (now_ms - REMOVALS_KEPT_MS,),
+            )
         return purged
 
     # -- operators -----------------------------------------------------------
@@ -253,23 +280,63 @@ class SqliteStore:
             ).rowcount == 1
         return created
 
-    def add_device(self, user: str, device: str, now_ms: int) -> bool:
+    def add_device(self, user: str, device: str, now_ms: int) -> str:
+        db = self._conn
         with self.batch():
             if not self._user_exists(user):
                 raise UnknownUserError([user])
-            return self._conn.execute(
-                "INSERT OR IGNORE INTO devices (user, device, created) VALUES (?, ?, ?)",
-                (user, device, now_ms),
-            ).rowcount == 1
+            row = db.execute(
+                "SELECT registration FROM devices WHERE user = ? AND device = ?", (user, device)
+            ).fetchone()
+            if row is not None and row[0] is not None:
+                return row[0]
+            registration = secrets.token_urlsafe(REGISTRATION_BYTES)
+            db.execute(
+                "INSERT INTO devices (user, device, created, registration) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (user, device) DO UPDATE SET registration = excluded.registration",
+                (user, device, now_ms, registration),
+            )
+        return registration
+
+    def remove_device(self, user: str, device: str, now_ms: int) -> bool:
+        db = self._conn
+        with self.batch():
+            if db.execute("DELETE FROM devices WHERE user = ? AND device = ?", (user, device)).rowcount == 0:
+                return False
+            db.execute("INSERT INTO removals (user, device, ts) VALUES (?, ?, ?)", (user, device, now_ms))
+            seqs = [
+                row[0]
+                for row in db.execute("SELECT seq FROM pending WHERE user = ? AND device = ?", (user, device))
+            ]
+            db.execute("DELETE FROM pending WHERE user = ? AND device = ?", (user, device))
+            if db.execute("SELECT 1 FROM devices WHERE user = ? LIMIT 1", (user,)).fetchone() is not None:
+                db.executemany(
+                    "DELETE FROM messages WHERE seq = ?"
+                    " AND NOT EXISTS (SELECT 1 FROM pending WHERE pending.seq = ?)",
+                    [(seq, seq) for seq in seqs],
+                )
+        return True
+
+    def removed_devices(self, after: int | None) -> RemovedDevices:
+        db = self._conn
+        if after is None:
+            (cursor,) = db.execute("SELECT coalesce(max(id), 0) FROM removals").fetchone()
+            return RemovedDevices(cursor, ())
+        rows = db.execute(
+            "SELECT id, user, device FROM removals WHERE id > ? ORDER BY id", (after,)
+        ).fetchall()
+        if not rows:
+            return RemovedDevices(after, ())
+        return RemovedDevices(rows[-1][0], tuple((user, device) for _, user, device in rows))
 
     def list_users(self) -> list[str]:
         return [row[0] for row in self._conn.execute("SELECT id FROM users ORDER BY id")]
 
-    def list_devices(self, user: str) -> list[str]:
+    def list_devices(self, user: str) -> list[DeviceRecord]:
         return [
-            row[0]
-            for row in self._conn.execute(
-                "SELECT device FROM devices WHERE user = ? ORDER BY device", (user,)
+            DeviceRecord(device, created, attached)
+            for device, created, attached in self._conn.execute(
+                "SELECT device, created, attached FROM devices WHERE user = ? ORDER BY device", (user,)
             )
         ]
 

@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 import gevent
 import gevent.event
 
+from ..identity import DeviceIdentity
+
 log = logging.getLogger(__name__)
 
 
@@ -27,7 +29,7 @@ class OutboundQueue:
         spawn: Callable[[Callable[[], None]], gevent.Greenlet],
         max_bytes: int,
         remote: str,
-        peer_identity: tuple[str, str] | None = None,
+        peer_identity: DeviceIdentity | None = None,
     ):
         self._write = write
         self._shut = shut

@@ -40,6 +40,7 @@ class TlsTransport(Endpoint):
         max_frame_bytes: int,
         max_outbound_bytes: int,
         read_timeout: float,
+        auth_log,
         handshake_timeout: float = 10.0,
     ):
         super().__init__(new_device=new_device, max_outbound_bytes=max_outbound_bytes)
@@ -47,6 +48,7 @@ class TlsTransport(Endpoint):
         self._max_frame_bytes = max_frame_bytes
         self._read_timeout = read_timeout
         self._handshake_timeout = handshake_timeout
+        self._auth_log = auth_log  # a ThrottledLog: refused client certificates
         self._server = StreamServer((host, port), self._handle, spawn=Pool(max_connections))
 
     def _handle(self, raw: socket.socket, address) -> None:
@@ -54,6 +56,14 @@ class TlsTransport(Endpoint):
         raw.settimeout(self._handshake_timeout)
         try:
             conn = self._ssl_context.wrap_socket(raw, server_side=True)
+        except ssl.SSLCertVerificationError as error:
+            # A client certificate that does not chain to our CA: an authentication failure.
+            reason = error.verify_message or error.reason or "verification failed"
+            self._auth_log.warning(
+                f"client certificate: {reason}", "client certificate refused for %s: %s", remote, reason
+            )
+            raw.close()
+            return
         except (OSError, ValueError) as error:
             log.debug("%s: TLS handshake failed: %s", remote, error)
             raw.close()

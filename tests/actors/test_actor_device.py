@@ -19,16 +19,24 @@ from devastator.actors.messages import (
     DeviceOnline,
     Inspect,
     Received,
+    Register,
+    Registered,
     Replaced,
+    Revoked,
     SendResult,
     SendResults,
 )
+from devastator.identity import DeviceIdentity
 from devastator.protocol.errors import (
     FORBIDDEN,
+    INVALID_PARAMS,
     NOT_AUTHENTICATED,
+    OVERLOADED,
     PARSE_ERROR,
     UNKNOWN_RECIPIENT,
     Forbidden,
+    InvalidParams,
+    Overloaded,
     UnknownRecipient,
 )
 from devastator.store import StoredMessage
@@ -70,10 +78,48 @@ class FakeConnection:
 
 
 class FakeAuthority:
-    def verify(self, token: str) -> tuple[str, str]:
+    def verify(self, token: str) -> DeviceIdentity:
         if token == "good":
-            return "alice", "phone"
+            return DeviceIdentity("alice", "phone", "reg-1")
         raise Forbidden("bad token")
+
+
+class FakeRegistrar:
+    """Sign-in: "google-ok" is carol; "provider-down" cannot be checked now."""
+
+    def __init__(self):
+        self.issued_for: list = []
+
+    def sign_in(self, id_token: str) -> str:
+        if id_token == "google-ok":
+            return "google-carol"
+        if id_token == "provider-down":
+            raise Overloaded("identity provider key set unavailable, retry later")
+        raise Forbidden("ID token signature invalid")
+
+    def check_csr(self, csr_pem):
+        if csr_pem is not None and csr_pem != "good csr":
+            raise InvalidParams('"csr" is not a usable certificate signing request')
+        return csr_pem
+
+    def credentials(self, identity, csr) -> dict:
+        self.issued_for.append((identity, csr))
+        issued = {"token": f"jwt-for-{identity.device}"}
+        if csr is not None:
+            issued.update(cert="CERT PEM", ca="CA PEM")
+        return issued
+
+    def new_device_id(self) -> str:
+        return "device-new"
+
+
+class RecordingLog:
+    def __init__(self):
+        self.lines: list = []
+
+    def warning(self, cause: str, message: str, *args) -> bool:
+        self.lines.append((cause, message % args))
+        return True
 
 
 @pytest.fixture
@@ -97,10 +143,20 @@ def user():
 
 
 @pytest.fixture
-def device(connection, router, store):
+def registrar():
+    return FakeRegistrar()
+
+
+@pytest.fixture
+def auth_log():
+    return RecordingLog()
+
+
+@pytest.fixture
+def device(connection, router, store, registrar, auth_log):
     return DeviceActor.start(
         connection=connection, router=router.ref, store=store.ref, authority=FakeAuthority(),
-        limits=DeviceLimits(),
+        registrar=registrar, auth_log=auth_log, limits=DeviceLimits(),
     )
 
 
@@ -188,12 +244,107 @@ def test_a_good_token_brings_the_device_online_then_answers(device, connection, 
     assert device.ask(Inspect())["user"] == "alice"
 
 
-def test_a_bad_token_is_forbidden(device, connection, router):
+def test_a_good_token_names_its_registration_for_the_store_to_check(device, router):
+    receive(device, request("auth.jwt", {"token": "good"}, id=1))
+    online = router.next(DeviceOnline)
+    assert online.registration == "reg-1"
+
+
+def test_a_bad_token_is_forbidden_and_logged_with_the_remote_address(device, connection, router, auth_log):
     receive(device, request("auth.jwt", {"token": "forged"}, id=1))
     reply = connection.next()
     assert reply["id"] == 1 and reply["error"]["code"] == FORBIDDEN
     device.ask(Inspect())
     assert router.drain() == []
+    assert auth_log.lines == [("auth.jwt: bad token", "auth.jwt refused for 198.51.100.7:40000: bad token")]
+
+
+def test_auth_cert_without_a_certificate_is_forbidden(device, connection, router, auth_log):
+    receive(device, request("auth.cert", id=1))
+    assert connection.next()["error"]["code"] == FORBIDDEN
+    assert auth_log.lines[0][0] == "auth.cert: no verified client certificate on this connection"
+
+
+def test_auth_cert_brings_the_certificate_s_device_online(connection, router, store, registrar, auth_log):
+    connection.peer_identity = DeviceIdentity("dave", "tablet", "reg-9")
+    device = DeviceActor.start(
+        connection=connection, router=router.ref, store=store.ref, authority=FakeAuthority(),
+        registrar=registrar, auth_log=auth_log, limits=DeviceLimits(),
+    )
+    receive(device, request("auth.cert", id=1))
+    online = router.next(DeviceOnline)
+    assert (online.user, online.device, online.registration) == ("dave", "tablet", "reg-9")
+
+
+# -- registration (auth.google) ----------------------------------------------------------
+
+
+def test_google_sign_in_registers_then_answers_with_credentials(device, connection, router, store, user,
+                                                                 registrar):
+    receive(device, request("auth.google", {"token": "google-ok", "device": "pixel", "csr": "good csr"}, id=7))
+    register = store.next(Register)
+    assert (register.user, register.device, register.reply_to) == ("google-carol", "pixel", device)
+    device.tell(Registered(register.request_key, "google-carol", "pixel", "reg-5"))
+    online = router.next(DeviceOnline)
+    assert (online.user, online.device, online.registration) == ("google-carol", "pixel", "reg-5")
+    assert registrar.issued_for == [(DeviceIdentity("google-carol", "pixel", "reg-5"), "good csr")]
+    device.tell(Authenticated("google-carol", "pixel", user.ref, 3, online.request_key))
+    assert connection.next() == result(
+        7, {"user": "google-carol", "device": "pixel", "token": "jwt-for-pixel", "cert": "CERT PEM", "ca": "CA PEM"}
+    )
+    assert device.ask(Inspect())["user"] == "google-carol"
+
+
+def test_google_sign_in_without_device_or_csr_gets_a_new_device_and_a_token(device, connection, router,
+                                                                           store, user):
+    receive(device, request("auth.google", {"token": "google-ok"}, id=7))
+    register = store.next(Register)
+    assert register.device == "device-new"
+    device.tell(Registered(register.request_key, "google-carol", "device-new", "reg-6"))
+    online = router.next(DeviceOnline)
+    device.tell(Authenticated("google-carol", "device-new", user.ref, 0, online.request_key))
+    assert connection.next() == result(7, {"user": "google-carol", "device": "device-new", "token": "jwt-for-device-new"})
+
+
+def test_a_refused_id_token_registers_nothing(device, connection, store, auth_log):
+    receive(device, request("auth.google", {"token": "forged"}, id=7))
+    assert connection.next()["error"]["code"] == FORBIDDEN
+    device.ask(Inspect())
+    assert store.drain() == []
+    assert auth_log.lines[0][0] == "auth.google: ID token signature invalid"
+
+
+def test_a_bad_csr_registers_nothing(device, connection, store):
+    receive(device, request("auth.google", {"token": "google-ok", "csr": "junk"}, id=7))
+    assert connection.next()["error"]["code"] == INVALID_PARAMS
+    device.ask(Inspect())
+    assert store.drain() == []
+
+
+def test_an_unreachable_provider_asks_to_retry_later(device, connection, store):
+    receive(device, request("auth.google", {"token": "provider-down"}, id=7))
+    assert connection.next()["error"]["code"] == OVERLOADED
+
+
+def test_requests_behind_a_registration_wait_for_it(device, connection, router, store, user):
+    receive(device, request("auth.google", {"token": "google-ok", "device": "pixel"}, id=7), send(id="s1"))
+    register = store.next(Register)
+    device.ask(Inspect())
+    assert connection.written_so_far() == []
+    device.tell(Registered(register.request_key, "google-carol", "pixel", "reg-5"))
+    online = router.next(DeviceOnline)
+    device.tell(Authenticated("google-carol", "pixel", user.ref, 0, online.request_key))
+    assert connection.next()["id"] == 7
+    assert store.next(Append).sender == "google-carol"
+
+
+# -- revocation ---------------------------------------------------------------------------
+
+
+def test_a_revoked_device_s_connection_closes(device, connection, router, user):
+    authenticate(device, connection, router, user)
+    device.tell(Revoked())
+    assert connection.closed.wait(WAIT)
 
 
 def test_a_failed_attachment_is_answered_with_its_error(device, connection, router):

@@ -10,7 +10,10 @@ from devastator.actors.messages import (
     Committed,
     DeviceOffline,
     DeviceOnline,
+    DeviceRemoved,
+    DevicesRemoved,
     Inspect,
+    PollRemovals,
     PurgeExpired,
     Tick,
 )
@@ -64,11 +67,11 @@ def stored(seq: int, recipient: str) -> StoredMessage:
 
 
 def test_a_user_actor_is_started_on_its_first_device_only(router, users, device):
-    phone = DeviceOnline("alice", "phone", device.ref, 1)
-    tablet = DeviceOnline("alice", "tablet", device.ref, 2)
+    phone = DeviceOnline("alice", "phone", "reg", device.ref, 1)
+    tablet = DeviceOnline("alice", "tablet", "reg", device.ref, 2)
     router.tell(phone)
     router.tell(tablet)
-    router.tell(DeviceOnline("bob", "phone", device.ref, 3))
+    router.tell(DeviceOnline("bob", "phone", "reg", device.ref, 3))
 
     assert router.ask(Inspect()) == {"alice": {"online": 2}, "bob": {"online": 1}}
     assert users.started == ["alice", "bob"]
@@ -76,8 +79,8 @@ def test_a_user_actor_is_started_on_its_first_device_only(router, users, device)
 
 
 def test_committed_messages_go_to_live_users_only_split_and_in_order(router, users, device):
-    router.tell(DeviceOnline("alice", "phone", device.ref, 1))
-    router.tell(DeviceOnline("bob", "phone", device.ref, 2))
+    router.tell(DeviceOnline("alice", "phone", "reg", device.ref, 1))
+    router.tell(DeviceOnline("bob", "phone", "reg", device.ref, 2))
     router.ask(Inspect())
     alice, bob = users.last("alice"), users.last("bob")
     alice.drain()
@@ -95,7 +98,7 @@ def test_committed_messages_go_to_live_users_only_split_and_in_order(router, use
 
 
 def test_ticks_reach_users_with_devices_online_and_purge_on_schedule(router, users, store, device):
-    router.tell(DeviceOnline("alice", "phone", device.ref, 1))
+    router.tell(DeviceOnline("alice", "phone", "reg", device.ref, 1))
     router.ask(Inspect())
     alice = users.last("alice")
     alice.drain()
@@ -105,11 +108,12 @@ def test_ticks_reach_users_with_devices_online_and_purge_on_schedule(router, use
     router.ask(Inspect())
 
     assert alice.drain() == [Tick(5.0), Tick(6.0), Tick(14.9), Tick(15.0)]
-    assert store.drain() == [PurgeExpired(), PurgeExpired()]  # at 5.0, then at 15.0
+    polls = [PollRemovals(None, router)]  # on start: the cursor of now
+    assert store.drain() == [*polls, PurgeExpired(), PurgeExpired()]  # at 5.0, then at 15.0
 
 
 def test_an_idle_user_actor_is_stopped_and_started_again_when_needed(router, users, device):
-    online = DeviceOnline("alice", "phone", device.ref, 1)
+    online = DeviceOnline("alice", "phone", "reg", device.ref, 1)
     router.tell(online)
     router.tell(DeviceOffline("alice", "phone", device.ref))
     router.ask(Inspect())
@@ -128,17 +132,17 @@ def test_an_idle_user_actor_is_stopped_and_started_again_when_needed(router, use
     assert not first.ref.is_alive()
 
     router.tell(Committed((stored(1, "alice"),)))  # for nobody live: the store keeps it
-    router.tell(DeviceOnline("alice", "phone", device.ref, 2))
+    router.tell(DeviceOnline("alice", "phone", "reg", device.ref, 2))
     assert router.ask(Inspect()) == {"alice": {"online": 1}}
     assert users.started == ["alice", "alice"]
     second = users.last("alice")
     assert second is not first
-    assert second.drain() == [DeviceOnline("alice", "phone", device.ref, 2)]
+    assert second.drain() == [DeviceOnline("alice", "phone", "reg", device.ref, 2)]
 
 
 def test_a_user_with_one_device_left_online_is_not_stopped(router, users, device):
-    router.tell(DeviceOnline("alice", "phone", device.ref, 1))
-    router.tell(DeviceOnline("alice", "tablet", device.ref, 2))
+    router.tell(DeviceOnline("alice", "phone", "reg", device.ref, 1))
+    router.tell(DeviceOnline("alice", "tablet", "reg", device.ref, 2))
     router.tell(DeviceOffline("alice", "phone", device.ref))
     router.tell(Tick(LATER))
 
@@ -157,21 +161,37 @@ def test_a_device_offline_for_a_user_not_live_is_ignored(router, users, device):
 def test_the_router_survives_a_user_actor_that_died(router, users, device):
     """A user actor that failed (an unhandled exception stops a pykka actor) must
     not take the router, and with it every user's traffic, down."""
-    router.tell(DeviceOnline("alice", "phone", device.ref, 1))
+    router.tell(DeviceOnline("alice", "phone", "reg", device.ref, 1))
     router.ask(Inspect())
     users.last("alice").ref.stop()
 
     router.tell(Committed((stored(1, "alice"),)))
     router.tell(Tick(5.0))
-    router.tell(DeviceOnline("alice", "phone", device.ref, 2))
+    router.tell(DeviceOnline("alice", "phone", "reg", device.ref, 2))
 
     assert router.ask(Inspect(), timeout=2)["alice"]["online"] >= 1
     assert router.is_alive()
-    assert users.last("alice").next(DeviceOnline) == DeviceOnline("alice", "phone", device.ref, 2)
+    assert users.last("alice").next(DeviceOnline) == DeviceOnline("alice", "phone", "reg", device.ref, 2)
 
 
 def test_stopping_the_router_stops_its_user_actors(router, users, device):
-    router.tell(DeviceOnline("alice", "phone", device.ref, 1))
+    router.tell(DeviceOnline("alice", "phone", "reg", device.ref, 1))
     router.ask(Inspect())
     router.stop()
     assert not users.last("alice").ref.is_alive()
+
+
+def test_removed_devices_are_polled_for_and_their_users_told(router, users, store, device):
+    assert store.next(PollRemovals) == PollRemovals(None, router)
+    router.tell(DeviceOnline("alice", "phone", "reg", device.ref, 1))
+    router.tell(DevicesRemoved(7, ()))  # the answer to the first poll: nothing since start
+    router.tell(Tick(LATER))
+    assert store.next(PurgeExpired) == PurgeExpired()
+    assert store.next(PollRemovals) == PollRemovals(7, router)
+    router.tell(Tick(LATER + 1.5))  # a poll is out: no second one
+    router.tell(DevicesRemoved(9, (("alice", "phone"), ("nobody-online", "x"))))
+    router.tell(Tick(LATER + 2.0))
+    router.ask(Inspect())
+
+    assert DeviceRemoved("phone") in users.last("alice").drain()
+    assert [m for m in store.drain() if isinstance(m, PollRemovals)] == [PollRemovals(9, router)]

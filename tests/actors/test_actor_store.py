@@ -12,9 +12,13 @@ from devastator.actors.messages import (
     AttachDevice,
     Committed,
     DeviceAttached,
+    DevicesRemoved,
     Inspect,
     LoadPending,
     PendingLoaded,
+    PollRemovals,
+    Register,
+    Registered,
     SendResults,
 )
 from devastator.protocol.errors import FORBIDDEN, INTERNAL_ERROR, UNKNOWN_RECIPIENT
@@ -39,6 +43,17 @@ def db_path(tmp_path):
     finally:
         store.close()
     return path
+
+
+@pytest.fixture
+def phone_registration(db_path) -> str:
+    """The registration id of alice's phone (asking again returns the same one)."""
+    store = SqliteStore(db_path, synchronous="NORMAL")
+    store.open()
+    try:
+        return store.add_device("alice", "phone", int(time.time() * 1000))
+    finally:
+        store.close()
 
 
 @pytest.fixture
@@ -172,7 +187,10 @@ def test_a_new_device_gets_what_is_stored_and_pages_through_it(start_store, send
     stored = committed(router, 3)
     user, tablet = Recorder("user"), Recorder("tablet")
 
-    store.tell(AttachDevice("alice", "tablet", tablet.ref, 9, user.ref))
+    store.tell(Register("alice", "tablet", 8, tablet.ref))
+    registered = tablet.next(Registered)
+    assert (registered.request_key, registered.user, registered.device) == (8, "alice", "tablet")
+    store.tell(AttachDevice("alice", "tablet", registered.registration, tablet.ref, 9, user.ref))
     assert user.next(DeviceAttached) == DeviceAttached("tablet", tablet.ref, 9, pending=3)
 
     store.tell(LoadPending("alice", "tablet", 0, 2, user.ref))
@@ -183,7 +201,7 @@ def test_a_new_device_gets_what_is_stored_and_pages_through_it(start_store, send
     assert user.next(PendingLoaded) == PendingLoaded("tablet", stored[2].seq, (), complete=True)
 
 
-def test_acked_messages_are_no_longer_pending(start_store, sender, router):
+def test_acked_messages_are_no_longer_pending(start_store, sender, router, phone_registration):
     store = start_store()
     for key in range(3):
         store.tell(append(key, sender, router))
@@ -191,7 +209,7 @@ def test_acked_messages_are_no_longer_pending(start_store, sender, router):
     user, phone = Recorder("user"), Recorder("phone")
 
     store.tell(Ack("alice", "phone", (stored[0].seq, stored[2].seq)))
-    store.tell(AttachDevice("alice", "phone", phone.ref, 1, user.ref))
+    store.tell(AttachDevice("alice", "phone", phone_registration, phone.ref, 1, user.ref))
     store.tell(LoadPending("alice", "phone", 0, 10, user.ref))
 
     assert user.next(DeviceAttached).pending == 1
@@ -201,11 +219,39 @@ def test_acked_messages_are_no_longer_pending(start_store, sender, router):
 def test_attaching_a_device_of_an_unknown_user_is_forbidden(start_store):
     store = start_store()
     user, phone = Recorder("user"), Recorder("phone")
-    store.tell(AttachDevice("mallory", "phone", phone.ref, 4, user.ref))
+    store.tell(AttachDevice("mallory", "phone", "any", phone.ref, 4, user.ref))
 
     attached = user.next(DeviceAttached)
     assert (attached.device, attached.device_ref, attached.request_key) == ("phone", phone.ref, 4)
     assert attached.error.code == FORBIDDEN
+
+
+@pytest.mark.parametrize("device, registration", [("phone", "stale"), ("never-registered", "any")])
+def test_attaching_with_a_wrong_registration_is_forbidden(start_store, device, registration):
+    store = start_store()
+    user, phone = Recorder("user"), Recorder("phone")
+    store.tell(AttachDevice("alice", device, registration, phone.ref, 4, user.ref))
+
+    attached = user.next(DeviceAttached)
+    assert attached.error.code == FORBIDDEN and "revoked" in attached.error.message
+
+
+def test_removals_are_polled_from_the_cursor_of_now(start_store, db_path):
+    store = start_store()
+    router = Recorder("router")
+    store.tell(PollRemovals(None, router.ref))
+    first = router.next(DevicesRemoved)
+    assert first.devices == ()
+    other = SqliteStore(db_path, synchronous="NORMAL")  # the CLI, in another process
+    other.open()
+    assert other.remove_device("alice", "phone", int(time.time() * 1000))
+    other.close()
+
+    store.tell(PollRemovals(first.cursor, router.ref))
+    second = router.next(DevicesRemoved)
+    assert second.devices == (("alice", "phone"),) and second.cursor > first.cursor
+    store.tell(PollRemovals(second.cursor, router.ref))
+    assert router.next(DevicesRemoved) == DevicesRemoved(second.cursor, ())
 
 
 class _FailingStore(SqliteStore):
@@ -226,7 +272,7 @@ def test_a_failed_commit_answers_every_request_and_the_next_group_works(start_st
     store.tell(append(2, sender, router, body=b'"boom"'))
     store.tell(append(3, sender, router))
     store.tell(LoadPending("alice", "phone", 0, 10, user.ref))
-    store.tell(AttachDevice("alice", "tablet", tablet.ref, 5, user.ref))
+    store.tell(AttachDevice("alice", "tablet", "any", tablet.ref, 5, user.ref))
 
     by_key = results(sender, 3)
     assert {key: (r.id, r.error.code) for key, r in by_key.items()} == {

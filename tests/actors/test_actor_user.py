@@ -20,10 +20,12 @@ from devastator.actors.messages import (
     DeviceAttached,
     DeviceOffline,
     DeviceOnline,
+    DeviceRemoved,
     Inspect,
     LoadPending,
     PendingLoaded,
     Replaced,
+    Revoked,
     Tick,
 )
 from devastator.protocol.errors import Forbidden
@@ -86,7 +88,7 @@ def make_user(store, clock, wall):
 
 
 def attach(user: UserActor, device: str, ref, *, pending: int = 0) -> None:
-    user.on_receive(DeviceOnline("alice", device, ref, KEY))
+    user.on_receive(DeviceOnline("alice", device, "reg", ref, KEY))
     user.on_receive(DeviceAttached(device, ref, KEY, pending=pending))
 
 
@@ -104,8 +106,8 @@ def test_a_device_online_is_attached_authenticated_and_sent_its_backlog(store):
     phone = Recorder("phone")
     user = UserActor.start(user="alice", store=store.ref, ack_timeout=30.0, delivery_window=100)
 
-    user.tell(DeviceOnline("alice", "phone", phone.ref, KEY))
-    assert store.next(AttachDevice) == AttachDevice("alice", "phone", phone.ref, KEY, user)
+    user.tell(DeviceOnline("alice", "phone", "reg", phone.ref, KEY))
+    assert store.next(AttachDevice) == AttachDevice("alice", "phone", "reg", phone.ref, KEY, user)
 
     user.tell(DeviceAttached("phone", phone.ref, KEY, pending=3))
     assert phone.next(Authenticated) == Authenticated("alice", "phone", user, 3, KEY)
@@ -121,7 +123,7 @@ def test_a_device_online_is_attached_authenticated_and_sent_its_backlog(store):
 
 def test_a_failed_attachment_is_told_to_the_device_and_nothing_is_loaded(make_user, store):
     user, phone = make_user(), Recorder("phone")
-    user.on_receive(DeviceOnline("alice", "phone", phone.ref, KEY))
+    user.on_receive(DeviceOnline("alice", "phone", "reg", phone.ref, KEY))
     error = Forbidden("user 'alice' does not exist")
 
     user.on_receive(DeviceAttached("phone", phone.ref, KEY, error=error))
@@ -132,12 +134,13 @@ def test_a_failed_attachment_is_told_to_the_device_and_nothing_is_loaded(make_us
     assert user.on_receive(Inspect())["devices"] == {}
 
 
-def test_a_second_connection_of_a_device_replaces_the_first(make_user, store):
+def test_a_second_connection_of_a_device_replaces_the_first_once_attached(make_user, store):
     user, old, new = make_user(), Recorder("old"), Recorder("new")
-    user.on_receive(DeviceOnline("alice", "phone", old.ref, 1))
-    user.on_receive(DeviceOnline("alice", "phone", new.ref, 2))
-    # The store's answer for the old connection comes late: it is for nobody now.
+    user.on_receive(DeviceOnline("alice", "phone", "reg", old.ref, 1))
     user.on_receive(DeviceAttached("phone", old.ref, 1, pending=0))
+    user.on_receive(DeviceOnline("alice", "phone", "reg", new.ref, 2))
+    assert old.drain() == [Authenticated("alice", "phone", user.actor_ref, 0, 1)]  # not replaced yet
+
     user.on_receive(DeviceAttached("phone", new.ref, 2, pending=0))
 
     assert old.drain() == [Replaced()]
@@ -146,11 +149,40 @@ def test_a_second_connection_of_a_device_replaces_the_first(make_user, store):
     assert [(a.device_ref, a.request_key) for a in attaches] == [(old.ref, 1), (new.ref, 2)]
 
 
-def test_the_same_connection_online_twice_is_not_replaced(make_user):
+def test_a_connection_with_revoked_credentials_replaces_nobody(make_user, store):
+    user, good, stolen = make_user(), Recorder("good"), Recorder("stolen")
+    caught_up(user, store, "phone", good.ref)
+    good.drain()
+    user.on_receive(DeviceOnline("alice", "phone", "old-registration", stolen.ref, 2))
+    error = Forbidden("these credentials were revoked: the device was removed")
+
+    user.on_receive(DeviceAttached("phone", stolen.ref, 2, error=error))
+
+    assert stolen.drain() == [AuthFailed(2, error)]
+    assert good.drain() == []
+    assert list(user.on_receive(Inspect())["devices"]) == ["phone"]
+
+
+def test_a_removed_device_is_revoked_and_forgotten(make_user, store):
+    user, phone, tablet = make_user(), Recorder("phone"), Recorder("tablet")
+    caught_up(user, store, "phone", phone.ref)
+    caught_up(user, store, "tablet", tablet.ref)
+    phone.drain()
+
+    user.on_receive(DeviceRemoved("phone"))
+    user.on_receive(Committed(page(1, 1)))
+
+    assert phone.drain() == [Revoked()]
+    assert list(user.on_receive(Inspect())["devices"]) == ["tablet"]
+
+
+def test_an_offline_while_attaching_drops_the_attachment(make_user, store):
     user, phone = make_user(), Recorder("phone")
-    user.on_receive(DeviceOnline("alice", "phone", phone.ref, 1))
-    user.on_receive(DeviceOnline("alice", "phone", phone.ref, 2))
+    user.on_receive(DeviceOnline("alice", "phone", "reg", phone.ref, 1))
+    user.on_receive(DeviceOffline("alice", "phone", phone.ref))
+    user.on_receive(DeviceAttached("phone", phone.ref, 1, pending=0))
     assert phone.drain() == []
+    assert user.on_receive(Inspect())["devices"] == {}
 
 
 def test_the_offline_of_a_replaced_connection_leaves_the_new_one_alone(make_user, store):
@@ -220,7 +252,7 @@ def test_a_message_committed_while_a_page_loads_is_loaded_next(make_user, store)
 
 def test_messages_committed_before_the_attachment_wait_for_the_first_page(make_user, store):
     user, phone = make_user(), Recorder("phone")
-    user.on_receive(DeviceOnline("alice", "phone", phone.ref, KEY))
+    user.on_receive(DeviceOnline("alice", "phone", "reg", phone.ref, KEY))
     user.on_receive(Committed(page(1, 1)))
     assert phone.drain() == []
 
@@ -407,7 +439,7 @@ def test_two_devices_through_a_started_actor(store):
     phone, tablet = Recorder("phone"), Recorder("tablet")
     user = UserActor.start(user="alice", store=store.ref, ack_timeout=30.0, delivery_window=100)
     for device, probe in (("phone", phone), ("tablet", tablet)):
-        user.tell(DeviceOnline("alice", device, probe.ref, KEY))
+        user.tell(DeviceOnline("alice", device, "reg", probe.ref, KEY))
         user.tell(DeviceAttached(device, probe.ref, KEY, pending=0))
         probe.next(Authenticated)
         user.tell(PendingLoaded(device, 0, (), complete=True))
@@ -432,7 +464,7 @@ def test_a_device_actor_that_is_gone_does_not_bring_the_user_actor_down(store):
     phone, tablet = Recorder("phone"), Recorder("tablet")
     user = UserActor.start(user="alice", store=store.ref, ack_timeout=30.0, delivery_window=100)
     for device, probe in (("phone", phone), ("tablet", tablet)):
-        user.tell(DeviceOnline("alice", device, probe.ref, KEY))
+        user.tell(DeviceOnline("alice", device, "reg", probe.ref, KEY))
         user.tell(DeviceAttached(device, probe.ref, KEY, pending=0))
         probe.next(Authenticated)
         user.tell(PendingLoaded(device, 0, (), complete=True))
