@@ -328,3 +328,19 @@ def test_auth_failures_are_logged_once_per_cause_with_the_remote_address(running
     assert len(lines) == 2, lines
     assert lines[0].startswith("auth.jwt refused for 127.0.0.1:"), lines
     assert lines[1].startswith("auth.cert refused for 127.0.0.1:"), lines
+
+
+def test_cert_issue_writes_what_a_mobile_client_needs(running, tmp_path):
+    out = tmp_path / "alice-phone"
+    cli(running, "cert", "issue", "alice", "--device", "phone", "--out", str(out), "--days", "2")
+
+    assert (out / "key.pem").stat().st_mode & 0o777 == 0o600
+    assert (out / "ca.pem").read_bytes() == running.ca.read_bytes()
+    certificate = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
+    assert certificate.not_valid_after_utc - certificate.not_valid_before_utc <= datetime.timedelta(days=2, minutes=6)
+    client = Client.connect_tls("localhost", running.tls_address[1], ca=out / "ca.pem",
+                                cert=out / "cert.pem", key=out / "key.pem")
+    try:
+        assert client.auth_cert() == {"user": "alice", "device": "phone", "pending": 0}
+    finally:
+        client.close()
