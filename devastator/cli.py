@@ -128,7 +128,7 @@ def _serve(settings: Settings, args) -> int:
     server = Server(settings)
     try:
         server.start()
-    except OSError as error:
+    except (OSError, SettingsError) as error:
         logging.getLogger("devastator").error("cannot start: %s", error)
         return 1
     # What start-up built lives as long as the process: keep the collector off it,

@@ -95,6 +95,34 @@ class Settings:
     oidc_user_prefix: str = "google"  # user ids are "<prefix>-<subject>"
     oidc_clock_skew: float = 60.0  # seconds of leeway on exp and iat
     oidc_refresh_interval: float = 10.0  # seconds at least between key set fetches for unknown kids
+    # Push notifications. A provider whose credentials are not set is not started.
+    push_quiet_period: float = 300.0  # seconds before an offline device is pushed to again
+    push_content: bool = False  # let the newest message's content through Apple or Google
+    apns_topic: str = ""  # the app's bundle id; APNs is off without it
+    apns_key_file: Path | None = None  # token credentials: the .p8 key...
+    apns_key_id: str = ""  # ...its key id...
+    apns_team_id: str = ""  # ...and the team id
+    apns_cert_file: Path | None = None  # or certificate credentials (PEM with its key)
+    apns_sandbox: bool = False  # api.sandbox.push.apple.com instead of api.push.apple.com
+    apns_host: str = ""  # another host (a test server); empty: Apple's
+    apns_port: int = 443
+    apns_ca_file: Path | None = None  # a CA to trust for apns_host
+    apns_push_type: str = "alert"  # or "background" (silent, content-available)
+    apns_priority: int = 0  # 10 or 5; 0: 10 for alert pushes, 5 for background ones
+    apns_expiration: int = 604800  # seconds Apple keeps trying an offline phone; 0: once
+    apns_collapse_id: str = "devastator"
+    gcm_sender_id: str = ""  # GCM CCS is off without it
+    gcm_api_key: str = ""  # empty: GOOGLE_API_KEY (GOOGLE_PREPROD_API_KEY with gcm_preprod)
+    gcm_preprod: bool = False  # the pre-production CCS endpoint
+    gcm_host: str = ""  # another host (a test server); empty: Google's
+    gcm_port: int = 0  # 0: Google's port for production or pre-production
+    gcm_ca_file: Path | None = None  # a CA to trust for gcm_host
+    gcm_time_to_live: int = 2419200  # seconds Google keeps trying an offline phone
+    fcm_service_account_file: Path | None = None  # FCM HTTP v1 is off without it
+    fcm_project_id: str = ""  # empty: the service account's project
+    fcm_endpoint: str = ""  # another FCM endpoint (a test server); empty: Google's
+    fcm_token_uri: str = ""  # another OAuth2 token endpoint; empty: the service account's
+    fcm_ca_file: Path | None = None  # a CA to trust for those
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -364,6 +392,40 @@ def _optional_file_rule() -> _Rule:
     )
 
 
+def _text_rule() -> _Rule:
+    return _Rule(
+        expected="a string",
+        parse=str,
+        accepts=lambda value: isinstance(value, str),
+        normalize=lambda value: value.strip(),  # type: ignore[attr-defined]
+    )
+
+
+def _word_choice_rule(choices: tuple[str, ...]) -> _Rule:
+    return _Rule(
+        expected="one of " + ", ".join(choices),
+        parse=str,
+        accepts=lambda value: isinstance(value, str) and value.lower() in choices,
+        normalize=lambda value: value.lower(),  # type: ignore[attr-defined]
+    )
+
+
+def _integer_choice_rule(choices: tuple[int, ...]) -> _Rule:
+    return _Rule(
+        expected="one of " + ", ".join(map(str, choices)),
+        parse=int,
+        accepts=lambda value: _is_integer(value) and value in choices,
+    )
+
+
+def _non_negative_integer_rule() -> _Rule:
+    return _Rule(
+        expected="an integer, 0 or more",
+        parse=int,
+        accepts=lambda value: _is_integer(value) and value >= 0,  # type: ignore[operator]
+    )
+
+
 def _user_prefix_rule() -> _Rule:
     return _Rule(
         expected="1 to 16 characters of A-Z a-z 0-9 . _",
@@ -418,5 +480,32 @@ _RULES: Mapping[str, _Rule] = types.MappingProxyType(
         "oidc_user_prefix": _user_prefix_rule(),
         "oidc_clock_skew": _non_negative_seconds_rule(),
         "oidc_refresh_interval": _non_negative_seconds_rule(),
+        "push_quiet_period": _non_negative_seconds_rule(),
+        "push_content": _boolean_rule(),
+        "apns_topic": _text_rule(),
+        "apns_key_file": _optional_file_rule(),
+        "apns_key_id": _text_rule(),
+        "apns_team_id": _text_rule(),
+        "apns_cert_file": _optional_file_rule(),
+        "apns_sandbox": _boolean_rule(),
+        "apns_host": _text_rule(),
+        "apns_port": _port_rule(),
+        "apns_ca_file": _optional_file_rule(),
+        "apns_push_type": _word_choice_rule(("alert", "background")),
+        "apns_priority": _integer_choice_rule((0, 5, 10)),
+        "apns_expiration": _non_negative_integer_rule(),
+        "apns_collapse_id": _text_rule(),
+        "gcm_sender_id": _text_rule(),
+        "gcm_api_key": _text_rule(),
+        "gcm_preprod": _boolean_rule(),
+        "gcm_host": _text_rule(),
+        "gcm_port": _port_rule(),
+        "gcm_ca_file": _optional_file_rule(),
+        "gcm_time_to_live": _non_negative_integer_rule(),
+        "fcm_service_account_file": _optional_file_rule(),
+        "fcm_project_id": _text_rule(),
+        "fcm_endpoint": _text_rule(),
+        "fcm_token_uri": _text_rule(),
+        "fcm_ca_file": _optional_file_rule(),
     }
 )

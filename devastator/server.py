@@ -19,11 +19,14 @@ from gevent.pool import Group
 
 from . import pki
 from .actors import DeviceActor, DeviceLimits, RouterActor, StoreActor, UserActor
+from .actors.push import PushDispatcherActor
 from .actors.messages import Inspect, Tick
 from .auth import JwtAuthority
 from .config import Settings
 from .oidc import OidcVerifier
 from .protocol import Limits
+from .push import PushCounters
+from .push.launch import provider_starters
 from .registration import Registrar
 from .secrets import JwtKeyFile
 from .throttled_log import ThrottledLog
@@ -44,6 +47,8 @@ class Server:
         self.tls: TlsTransport | None = None
         self.http: HttpTransport | None = None
         self._devices: weakref.WeakSet[pykka.ActorRef] = weakref.WeakSet()
+        # Push outcomes per platform, read by the operations endpoints.
+        self.push_counters = {platform: PushCounters() for platform in ("apns", "gcm", "fcm")}
 
     # -- starting -------------------------------------------------------------------
 
@@ -69,23 +74,6 @@ class Server:
             cert_days=settings.cert_days,
         )
         auth_log = ThrottledLog(logging.getLogger("devastator.auth"))
-        store = self._store or SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
-        self.store_ref = store_ref = StoreActor.start(store=store)
-        self.router_ref = router_ref = RouterActor.start(
-            store=store_ref,
-            start_user=lambda user: UserActor.start(
-                user=user,
-                store=store_ref,
-                ack_timeout=settings.ack_timeout,
-                delivery_window=settings.delivery_window,
-                # A quarter: even resent twice over, a window stays within the outbound bound.
-                delivery_window_bytes=settings.max_outbound_bytes // 4,
-            ),
-            user_idle_timeout=settings.user_idle_timeout,
-        )
-        # Both must answer before any connection can reach them.
-        store_ref.ask(Inspect())
-        router_ref.ask(Inspect())
         limits = DeviceLimits(
             max_batch=settings.max_batch,
             max_frame_bytes=settings.max_frame_bytes,
@@ -98,6 +86,37 @@ class Server:
                 max_cid_length=settings.max_cid_length,
             ),
         )
+        push_providers = provider_starters(settings, self.push_counters)  # checked before anything starts
+        store = self._store or SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
+        self.store_ref = store_ref = StoreActor.start(store=store)
+
+        def start_push(router: pykka.ActorRef) -> pykka.ActorRef:
+            return PushDispatcherActor.start(
+                start_providers=push_providers,
+                store=store_ref,
+                router=router,
+                quiet_period=settings.push_quiet_period,
+                content=settings.push_content,
+                message_limits=limits.message_limits,
+            )
+
+        self.router_ref = router_ref = RouterActor.start(
+            store=store_ref,
+            start_user=lambda user: UserActor.start(
+                user=user,
+                store=store_ref,
+                ack_timeout=settings.ack_timeout,
+                delivery_window=settings.delivery_window,
+                # A quarter: even resent twice over, a window stays within the outbound bound.
+                delivery_window_bytes=settings.max_outbound_bytes // 4,
+            ),
+            user_idle_timeout=settings.user_idle_timeout,
+            start_push=start_push if push_providers else None,
+        )
+        # Both must answer before any connection can reach them.
+        store_ref.ask(Inspect())
+        router_ref.ask(Inspect())
+        push_platforms = frozenset(push_providers)
 
         def new_device(outbound: OutboundQueue) -> pykka.ActorRef:
             device = DeviceActor.start(
@@ -108,6 +127,7 @@ class Server:
                 registrar=registrar,
                 auth_log=auth_log,
                 limits=limits,
+                push_platforms=push_platforms,
             )
             self._devices.add(device)
             return device

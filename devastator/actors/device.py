@@ -52,12 +52,14 @@ from .messages import (
     DeviceOffline,
     DeviceOnline,
     Inspect,
+    PushTokenSet,
     Received,
     Register,
     Registered,
     Replaced,
     Revoked,
     SendResults,
+    SetPushToken,
 )
 
 log = logging.getLogger(__name__)
@@ -142,6 +144,7 @@ class DeviceActor(pykka.ThreadingActor):
         registrar: Registrar,
         auth_log: AuthLog,
         limits: DeviceLimits,
+        push_platforms: frozenset[str] = frozenset(),
     ):
         super().__init__()
         self._connection = connection
@@ -151,6 +154,7 @@ class DeviceActor(pykka.ThreadingActor):
         self._registrar = registrar
         self._auth_log = auth_log
         self._limits = limits
+        self._push_platforms = push_platforms  # those with a provider configured
         self._keys = itertools.count(1)
         self._echo_ids = itertools.count(1)
         self._waiting: dict[int, _Waiting] = {}
@@ -192,6 +196,8 @@ class DeviceActor(pykka.ThreadingActor):
             self._deliver(message)
         elif isinstance(message, Authenticated):
             self._on_authenticated(message)
+        elif isinstance(message, PushTokenSet):
+            self._resolve(message.request_key, result="ACK", error=message.error)
         elif isinstance(message, Registered):
             self._on_registered(message)
         elif isinstance(message, AuthFailed):
@@ -294,7 +300,12 @@ class DeviceActor(pykka.ThreadingActor):
             (batch.followups if batch is not None else self._out).append(encode(request))
         elif method == "push.register":
             register = protocol.parse_push_register(params)
-            raise InvalidParams(f"push platform {register.platform!r} is not configured on this server")
+            if register.platform not in self._push_platforms:
+                raise InvalidParams(f"push platform {register.platform!r} is not configured on this server")
+            key = self._wait(request_id, notification, batch)
+            self._store.tell(
+                SetPushToken(self.user, self.device, register.platform, register.token, key, self.actor_ref)
+            )
         else:
             raise MethodNotFound(f"no method {method!r}")
 

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from pykka import ActorDeadError, ActorRef
 
 from ..protocol.errors import RpcError
-from ..store import StoredMessage
+from ..store import PushTarget, StoredMessage
 
 
 # -- transport -> device ------------------------------------------------------
@@ -69,6 +69,8 @@ class Committed:
     """Mailbox entries made durable, in acceptance order."""
 
     messages: tuple[StoredMessage, ...]
+    # Devices of the recipients with push tokens: the router wakes the offline ones.
+    push_targets: tuple[tuple[PushTarget, StoredMessage], ...] = ()
 
 
 # -- device -> router -> user --------------------------------------------------
@@ -164,6 +166,67 @@ class Registered:
     device: str
     registration: str | None = None
     error: RpcError | None = None
+
+
+# -- push tokens: device -> store -> device; push dispatcher -> store ----------------
+
+
+@dataclass(frozen=True, slots=True)
+class SetPushToken:
+    user: str
+    device: str
+    platform: str
+    token: str
+    request_key: int
+    reply_to: ActorRef
+
+
+@dataclass(frozen=True, slots=True)
+class PushTokenSet:
+    request_key: int
+    error: RpcError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RemovePushToken:
+    """The platform said the token is dead; forget it unless the device has a new one."""
+
+    target: PushTarget
+
+
+@dataclass(frozen=True, slots=True)
+class FindPushDevice:
+    """Whose is this push token? (An upstream message names only its sender's token.)"""
+
+    platform: str
+    token: str
+    request_key: int
+    reply_to: ActorRef
+
+
+@dataclass(frozen=True, slots=True)
+class PushDeviceFound:
+    request_key: int
+    user: str | None  # None: no device holds the token
+    device: str | None
+
+
+# -- waking offline devices: router -> push dispatcher ------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WakeDevices:
+    """Messages were stored for these offline devices: each (target, newest message)."""
+
+    targets: tuple[tuple[PushTarget, StoredMessage], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceReachable:
+    """The device connected: the next message after it leaves is worth a push again."""
+
+    user: str
+    device: str
 
 
 # -- removed devices: router -> store -> router -> user -> device -------------------

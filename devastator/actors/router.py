@@ -6,14 +6,15 @@ a million live actors. Every device coming and going passes through here,
 which is what lets the router know when a user actor is idle without asking it.
 
 It also polls the store for removed devices (an operator may remove one from
-another process) and has their connections closed.
+another process) and has their connections closed, and tells the push
+dispatcher which devices a new message found offline.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from typing import Callable
 
 import pykka
@@ -23,11 +24,13 @@ from .messages import (
     DeviceOffline,
     DeviceOnline,
     DeviceRemoved,
+    DeviceReachable,
     DevicesRemoved,
     Inspect,
     PollRemovals,
     PurgeExpired,
     Tick,
+    WakeDevices,
     tell_if_alive,
 )
 
@@ -37,8 +40,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class _LiveUser:
     ref: pykka.ActorRef
-    online: int = 0
+    devices: Counter = field(default_factory=Counter)  # device id -> connections announced online
     idle_since: float = 0.0
+
+    @property
+    def online(self) -> int:
+        return sum(self.devices.values())
 
 
 class RouterActor(pykka.ThreadingActor):
@@ -50,9 +57,14 @@ class RouterActor(pykka.ThreadingActor):
         user_idle_timeout: float,
         purge_interval: float = 10.0,
         removals_interval: float = 1.0,
+        start_push: Callable[[pykka.ActorRef], pykka.ActorRef] | None = None,
     ):
         super().__init__()
         self._store = store
+        # The push dispatcher, started by us (it stores upstream messages with us as
+        # their router); None when no push provider is configured.
+        self._start_push = start_push
+        self._push: pykka.ActorRef | None = None
         self._start_user = start_user
         self._user_idle_timeout = user_idle_timeout
         self._purge_interval = purge_interval
@@ -68,11 +80,15 @@ class RouterActor(pykka.ThreadingActor):
         # The cursor of now: removals before this start closed no connection of ours.
         self._polling_removals = True
         self._store.tell(PollRemovals(None, self.actor_ref))
+        if self._start_push is not None:
+            self._push = self._start_push(self.actor_ref)
 
     def on_stop(self) -> None:
         for live in self._users.values():
             live.ref.stop()
         self._users.clear()
+        if self._push is not None:
+            self._push.stop()
 
     def on_receive(self, message):
         if isinstance(message, Committed):
@@ -81,12 +97,16 @@ class RouterActor(pykka.ThreadingActor):
             live = self._users.get(message.user)
             if live is None:
                 live = self._users[message.user] = _LiveUser(self._start_user(message.user))
-            live.online += 1
+            live.devices[message.device] += 1
             self._tell_user(message.user, live, message)
+            if self._push is not None:
+                self._push.tell(DeviceReachable(message.user, message.device))
         elif isinstance(message, DeviceOffline):
             live = self._users.get(message.user)
             if live is not None:
-                live.online -= 1
+                live.devices[message.device] -= 1
+                if live.devices[message.device] <= 0:
+                    del live.devices[message.device]
                 live.idle_since = self._now
                 self._tell_user(message.user, live, message)
         elif isinstance(message, Tick):
@@ -105,6 +125,14 @@ class RouterActor(pykka.ThreadingActor):
                 by_user[stored.recipient].append(stored)
         for user, messages in by_user.items():
             self._tell_user(user, self._users[user], Committed(tuple(messages)))
+        if committed.push_targets and self._push is not None:
+            offline = tuple(
+                (target, message)
+                for target, message in committed.push_targets
+                if target.user not in self._users or target.device not in self._users[target.user].devices
+            )
+            if offline:
+                self._push.tell(WakeDevices(offline))
 
     def _tick(self, tick: Tick) -> None:
         self._now = tick.now

@@ -26,15 +26,20 @@ from .messages import (
     Committed,
     DeviceAttached,
     DevicesRemoved,
+    FindPushDevice,
     Inspect,
     LoadPending,
     PendingLoaded,
     PollRemovals,
     PurgeExpired,
+    PushDeviceFound,
+    PushTokenSet,
     Register,
     Registered,
+    RemovePushToken,
     SendResult,
     SendResults,
+    SetPushToken,
     tell_if_alive,
 )
 
@@ -119,8 +124,13 @@ class StoreActor(pykka.ThreadingActor):
                 return SendResult(
                     request.request_key,
                     error=UnknownRecipient(data={"unknown": list(unknown.args[0])}),
-                ), ()
-            return SendResult(request.request_key, id=accepted.id, ts=accepted.ts), accepted.messages
+                ), (), ()
+            result = SendResult(request.request_key, id=accepted.id, ts=accepted.ts)
+            if not accepted.push_targets:
+                return result, accepted.messages, ()
+            by_recipient = {message.recipient: message for message in accepted.messages}
+            wake = tuple((target, by_recipient[target.user]) for target in accepted.push_targets)
+            return result, accepted.messages, wake
         if isinstance(request, Ack):
             store.ack(request.user, request.device, request.seqs)
             return None
@@ -150,6 +160,17 @@ class StoreActor(pykka.ThreadingActor):
         if isinstance(request, PollRemovals):
             removed = store.removed_devices(request.after)
             return DevicesRemoved(removed.cursor, removed.devices)
+        if isinstance(request, SetPushToken):
+            if store.set_push_token(request.user, request.device, request.platform, request.token):
+                return PushTokenSet(request.request_key)
+            return PushTokenSet(request.request_key, error=Forbidden("this device was removed"))
+        if isinstance(request, FindPushDevice):
+            found = store.device_for_push_token(request.platform, request.token)
+            return PushDeviceFound(request.request_key, *(found or (None, None)))
+        if isinstance(request, RemovePushToken):
+            target = request.target
+            store.remove_push_token(target.user, target.device, target.platform, target.token)
+            return None
         if isinstance(request, PurgeExpired):
             purged = store.purge_expired(now_ms)
             if purged:
@@ -161,16 +182,19 @@ class StoreActor(pykka.ThreadingActor):
         # One tell per recipient actor per commit, in acceptance order.
         results: dict[pykka.ActorRef, list[SendResult]] = defaultdict(list)
         committed: dict[pykka.ActorRef, list] = defaultdict(list)
+        wake: dict[pykka.ActorRef, list] = defaultdict(list)
         for request, outcome in zip(requests, outcomes, strict=True):
             if isinstance(request, Append):
-                result, messages = outcome
+                result, messages, push_targets = outcome
                 results[request.reply_to].append(result)
                 if messages:
                     committed[request.notify].extend(messages)
-            elif isinstance(request, (LoadPending, AttachDevice, Register, PollRemovals)):
+                    wake[request.notify].extend(push_targets)
+            elif isinstance(request, (LoadPending, AttachDevice, Register, PollRemovals, SetPushToken,
+                                      FindPushDevice)):
                 tell_if_alive(request.reply_to, outcome)
         for ref, batch in committed.items():
-            tell_if_alive(ref, Committed(tuple(batch)))
+            tell_if_alive(ref, Committed(tuple(batch), tuple(wake[ref])))
         for ref, batch in results.items():
             tell_if_alive(ref, SendResults(tuple(batch)))
 
@@ -178,7 +202,7 @@ class StoreActor(pykka.ThreadingActor):
 def _failed(request):
     error = InternalError("the message store failed; retry later")
     if isinstance(request, Append):
-        return SendResult(request.request_key, error=error), ()
+        return SendResult(request.request_key, error=error), (), ()
     if isinstance(request, LoadPending):
         return PendingLoaded(request.device, request.after_seq, (), complete=False, failed=True)
     if isinstance(request, AttachDevice):
@@ -187,4 +211,8 @@ def _failed(request):
         return Registered(request.request_key, request.user, request.device, error=error)
     if isinstance(request, PollRemovals):
         return DevicesRemoved(request.after, ())
+    if isinstance(request, SetPushToken):
+        return PushTokenSet(request.request_key, error=error)
+    if isinstance(request, FindPushDevice):
+        return PushDeviceFound(request.request_key, None, None)
     return None

@@ -27,6 +27,16 @@ class StoredMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class PushTarget:
+    """A device that has a push token: what a provider needs to wake it."""
+
+    user: str
+    device: str
+    platform: str  # "apns", "gcm" or "fcm"
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
 class Accepted:
     """What ``append`` stored: the sender's answer and the new mailbox entries."""
 
@@ -35,6 +45,8 @@ class Accepted:
     expires: int
     messages: tuple[StoredMessage, ...]  # empty when a retried ``cid`` matched
     duplicate: bool = False
+    # The recipients' devices with push tokens, to wake those that are offline.
+    push_targets: tuple[PushTarget, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +63,8 @@ class DeviceRecord:
     device: str
     created: int  # ms since the epoch, when it was registered
     attached: int | None  # ms since the epoch of its first authentication, None until then
+    push_platform: str | None = None
+    push_token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +142,19 @@ class Store(Protocol):
         Messages only it waited for are retired, unless the user has no
         device left: then they wait for the next one, as for a new user.
         """
+
+    def set_push_token(self, user: str, device: str, platform: str, token: str) -> bool:
+        """Give the device this push token (replacing its last); False if there is no such device.
+
+        A token belongs to one device: another device that had it loses it
+        (an app reinstalled, a phone passed on).
+        """
+
+    def remove_push_token(self, user: str, device: str, platform: str, token: str) -> bool:
+        """Forget the token if the device still has it (the platform said it is dead)."""
+
+    def device_for_push_token(self, platform: str, token: str) -> tuple[str, str] | None:
+        """(user, device) holding the token, or None."""
 
     def removed_devices(self, after: int | None) -> RemovedDevices:
         """Devices removed after the cursor ``after``; None: none, just the cursor of now.

@@ -18,6 +18,7 @@ from .base import (
     Attachment,
     DeviceRecord,
     MessageIds,
+    PushTarget,
     RemovedDevices,
     StoredMessage,
     UnknownDeviceError,
@@ -73,7 +74,13 @@ CREATE TABLE IF NOT EXISTS removals (
 );
 """
 # Columns added after a table was first created: (table, column, declaration).
-LATER_COLUMNS = (("devices", "registration", "TEXT"),)
+LATER_COLUMNS = (
+    ("devices", "registration", "TEXT"),
+    ("devices", "push_platform", "TEXT"),
+    ("devices", "push_token", "TEXT"),
+)
+# Indexes on later columns: made once the columns surely exist.
+LATER_INDEXES = "CREATE INDEX IF NOT EXISTS devices_by_push_token ON devices (push_token);"
 # Servers poll removals every second or so; a day is ample for one to catch up.
 REMOVALS_KEPT_MS = 24 * 3600 * 1000
 REGISTRATION_BYTES = 12
@@ -116,6 +123,7 @@ class SqliteStore:
             columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
             if column not in columns:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        db.executescript(LATER_INDEXES)
         self._db = db
         self._checkpointer = self._connect()
 
@@ -178,7 +186,16 @@ class SqliteStore:
             message_id = self._ids.new(now_ms)
             expires = now_ms + ttl_seconds * 1000
             stored = []
+            push_targets = []
             for recipient in recipients:
+                push_targets.extend(
+                    PushTarget(recipient, device, platform, token)
+                    for device, platform, token in db.execute(
+                        "SELECT device, push_platform, push_token FROM devices"
+                        " WHERE user = ? AND push_token IS NOT NULL",
+                        (recipient,),
+                    )
+                )
                 cursor = db.execute(
                     "INSERT INTO messages (id, sender, recipient, body, ts, expires)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
@@ -198,7 +215,9 @@ class SqliteStore:
                     "INSERT OR REPLACE INTO sends (sender, cid, id, ts, expires) VALUES (?, ?, ?, ?, ?)",
                     (sender, cid, message_id, now_ms, expires),
                 )
-        return Accepted(id=message_id, ts=now_ms, expires=expires, messages=tuple(stored))
+        return Accepted(
+            id=message_id, ts=now_ms, expires=expires, messages=tuple(stored), push_targets=tuple(push_targets)
+        )
 
     def attach_device(self, user: str, device: str, registration: str, now_ms: int) -> Attachment:
         db = self._conn
@@ -317,6 +336,33 @@ class SqliteStore:
                 )
         return True
 
+    def set_push_token(self, user: str, device: str, platform: str, token: str) -> bool:
+        db = self._conn
+        with self.batch():
+            db.execute(
+                "UPDATE devices SET push_platform = NULL, push_token = NULL"
+                " WHERE push_token = ? AND push_platform = ? AND NOT (user = ? AND device = ?)",
+                (token, platform, user, device),
+            )
+            return db.execute(
+                "UPDATE devices SET push_platform = ?, push_token = ? WHERE user = ? AND device = ?",
+                (platform, token, user, device),
+            ).rowcount == 1
+
+    def remove_push_token(self, user: str, device: str, platform: str, token: str) -> bool:
+        with self.batch():
+            return self._conn.execute(
+                "UPDATE devices SET push_platform = NULL, push_token = NULL"
+                " WHERE user = ? AND device = ? AND push_platform = ? AND push_token = ?",
+                (user, device, platform, token),
+            ).rowcount == 1
+
+    def device_for_push_token(self, platform: str, token: str) -> tuple[str, str] | None:
+        row = self._conn.execute(
+            "SELECT user, device FROM devices WHERE push_token = ? AND push_platform = ?", (token, platform)
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
+
     def removed_devices(self, after: int | None) -> RemovedDevices:
         db = self._conn
         if after is None:
@@ -334,9 +380,11 @@ class SqliteStore:
 
     def list_devices(self, user: str) -> list[DeviceRecord]:
         return [
-            DeviceRecord(device, created, attached)
-            for device, created, attached in self._conn.execute(
-                "SELECT device, created, attached FROM devices WHERE user = ? ORDER BY device", (user,)
+            DeviceRecord(*row)
+            for row in self._conn.execute(
+                "SELECT device, created, attached, push_platform, push_token FROM devices"
+                " WHERE user = ? ORDER BY device",
+                (user,),
             )
         ]
 

@@ -1,0 +1,174 @@
+"""The push dispatcher: decides which offline device to wake, and tells its provider.
+
+The router tells it which devices with a push token a newly stored message
+found offline. It pushes to each at most once while the device stays away
+(one push says "come and fetch", however many messages follow), and again
+only after a quiet period, with the count of messages since. A device that
+connects starts afresh. When a provider says a token is dead, the dispatcher
+has the store forget it and never uses it again.
+
+Payloads carry no message content unless the operator turned ``content`` on:
+then the newest message goes along as a preview, through Apple or Google.
+
+It starts the provider actors (it is their token sink) and stops them. A
+message a device sends upstream through GCM CCS is stored as a ``msg.send``
+from that device's user: ``data.to`` names the recipient, ``data.message``
+holds the message as JSON text, and the upstream message id is the ``cid``,
+so that a message CCS hands over twice is stored once.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import orjson
+import pykka
+
+from .. import protocol
+from ..protocol.errors import RpcError
+from ..push import PushRequest, PushTokenRejected, UpstreamMessage
+from ..store import PushTarget
+from .messages import (
+    Append,
+    DeviceReachable,
+    FindPushDevice,
+    Inspect,
+    PushDeviceFound,
+    RemovePushToken,
+    SendResults,
+    WakeDevices,
+)
+
+log = logging.getLogger(__name__)
+
+# Dead tokens remembered to skip pushes already on their way; a bound, not a cache policy.
+MAX_REJECTED_KEPT = 10_000
+
+
+@dataclass
+class _Woken:
+    pushed_at: float
+    since_push: int  # messages stored for the device since its last push
+
+
+class PushDispatcherActor(pykka.ThreadingActor):
+    def __init__(
+        self,
+        *,
+        start_providers: Mapping[str, Callable[[pykka.ActorRef], pykka.ActorRef]],
+        store: pykka.ActorRef,
+        router: pykka.ActorRef,
+        quiet_period: float,
+        content: bool = False,
+        message_limits: protocol.Limits = protocol.Limits(),
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        super().__init__()
+        self._start_providers = start_providers
+        self._providers: dict[str, pykka.ActorRef] = {}
+        self._store = store
+        self._router = router
+        self._message_limits = message_limits
+        self._keys = itertools.count(1)
+        self._upstream: dict[int, UpstreamMessage] = {}  # waiting for the store to name the sender
+        self._quiet_period = quiet_period
+        self._content = content
+        self._clock = clock
+        self._woken: dict[tuple[str, str], _Woken] = {}  # (user, device) pushed to while offline
+        self._rejected: set[tuple[str, str]] = set()  # (platform, token)
+        self.pushes = 0
+
+    def on_start(self) -> None:
+        # The providers tell their dead tokens and upstream messages to us.
+        self._providers = {platform: start(self.actor_ref) for platform, start in self._start_providers.items()}
+
+    def on_stop(self) -> None:
+        for provider in self._providers.values():
+            provider.stop()
+
+    def on_failure(self, exception_type, exception_value, traceback) -> None:
+        self.on_stop()
+
+    def on_receive(self, message):
+        if isinstance(message, WakeDevices):
+            self._wake(message)
+        elif isinstance(message, DeviceReachable):
+            self._woken.pop((message.user, message.device), None)
+        elif isinstance(message, PushTokenRejected):
+            self._on_rejected(message)
+        elif isinstance(message, UpstreamMessage):
+            key = next(self._keys)
+            self._upstream[key] = message
+            self._store.tell(FindPushDevice(message.platform, message.token, key, self.actor_ref))
+        elif isinstance(message, PushDeviceFound):
+            self._on_upstream_sender(message)
+        elif isinstance(message, SendResults):
+            for result in message.results:
+                if result.error is not None:
+                    log.debug("an upstream message was refused: %s", result.error.message)
+        elif isinstance(message, Inspect):
+            return {"providers": sorted(self._providers), "pushes": self.pushes, "offline_woken": len(self._woken)}
+        return None
+
+    def _wake(self, wake: WakeDevices) -> None:
+        now = self._clock()
+        for target, newest in wake.targets:
+            provider = self._providers.get(target.platform)
+            if provider is None or (target.platform, target.token) in self._rejected:
+                continue  # a platform no longer configured, or a token found dead
+            key = (target.user, target.device)
+            woken = self._woken.get(key)
+            if woken is None:
+                woken = self._woken[key] = _Woken(pushed_at=-self._quiet_period, since_push=0)
+            woken.since_push += 1
+            if now - woken.pushed_at < self._quiet_period:
+                continue
+            request = PushRequest(
+                user=target.user,
+                device=target.device,
+                token=target.token,
+                pending=woken.since_push,
+                preview=newest.message_json if self._content else None,
+            )
+            woken.pushed_at, woken.since_push = now, 0
+            self.pushes += 1
+            provider.tell(request)
+
+    def _on_rejected(self, rejected: PushTokenRejected) -> None:
+        log.debug("%s token of %s/%s rejected (%s): removing it", rejected.platform, rejected.user,
+                  rejected.device, rejected.reason)
+        if len(self._rejected) >= MAX_REJECTED_KEPT:
+            self._rejected.clear()
+        self._rejected.add((rejected.platform, rejected.token))
+        self._woken.pop((rejected.user, rejected.device), None)
+        self._store.tell(
+            RemovePushToken(PushTarget(rejected.user, rejected.device, rejected.platform, rejected.token))
+        )
+
+    def _on_upstream_sender(self, found: PushDeviceFound) -> None:
+        upstream = self._upstream.pop(found.request_key, None)
+        if upstream is None:
+            return
+        if found.user is None:
+            log.debug("upstream %s message from a token no device holds: dropped", upstream.platform)
+            return
+        message = upstream.data.get("message")
+        if isinstance(message, str):
+            try:
+                message = orjson.loads(message)
+            except orjson.JSONDecodeError:
+                pass  # plain text is a JSON string message
+        params = {"to": upstream.data.get("to"), "message": message,
+                  "cid": f"{upstream.platform}:{upstream.message_id}"[: self._message_limits.max_cid_length]}
+        try:
+            send = protocol.parse_send(params, self._message_limits)
+        except RpcError as error:
+            log.debug("upstream message from %s/%s refused: %s", found.user, found.device, error.message)
+            return
+        self._store.tell(
+            Append(found.user, send.to, send.message_json, send.cid, send.ttl, next(self._keys), self.actor_ref,
+                   self._router)
+        )

@@ -1,0 +1,244 @@
+"""The store contract: what every Store implementation must do, run against each of them.
+
+Each test gets a fresh, open store from the ``store`` fixture, which is
+parametrised by implementation, so a clustered store passes exactly these.
+"""
+from __future__ import annotations
+
+import pytest
+
+from devastator.store import (
+    DeviceRecord,
+    PushTarget,
+    SqliteStore,
+    UnknownDeviceError,
+    UnknownUserError,
+)
+
+NOW = 1_800_000_000_000  # ms
+TTL = 3600
+
+
+def sqlite_store(tmp_path):
+    return SqliteStore(tmp_path / "store.db", synchronous="NORMAL")
+
+
+STORES = {"sqlite": sqlite_store}
+
+
+@pytest.fixture(params=sorted(STORES))
+def store(request, tmp_path):
+    store = STORES[request.param](tmp_path)
+    store.open()
+    yield store
+    store.close()
+
+
+def registered(store, user: str, device: str) -> str:
+    store.add_user(user, NOW)
+    return store.add_device(user, device, NOW)
+
+
+def send(store, recipients, body=b'"hi"', *, cid=None, ttl=TTL, now=NOW, sender="alice"):
+    with store.batch():
+        return store.append(sender, list(recipients), body, cid, ttl, now)
+
+
+def pending(store, user, device, now=NOW):
+    return store.load_pending(user, device, 0, 1000, now)
+
+
+# -- users and devices ---------------------------------------------------------------
+
+
+def test_users_are_created_once(store):
+    assert store.add_user("alice", NOW) is True
+    assert store.add_user("alice", NOW) is False
+    assert store.list_users() == ["alice"]
+
+
+def test_a_device_keeps_its_registration_until_removed(store):
+    first = registered(store, "bob", "phone")
+    assert store.add_device("bob", "phone", NOW + 1) == first
+    assert store.remove_device("bob", "phone", NOW) is True
+    assert store.remove_device("bob", "phone", NOW) is False
+    assert store.add_device("bob", "phone", NOW) != first
+
+
+def test_a_device_of_an_unknown_user_is_refused(store):
+    with pytest.raises(UnknownUserError):
+        store.add_device("nobody", "phone", NOW)
+
+
+def test_devices_are_listed_with_their_history(store):
+    registration = registered(store, "bob", "phone")
+    registered(store, "bob", "laptop")
+    store.attach_device("bob", "phone", registration, NOW + 5)
+    assert store.list_devices("bob") == [
+        DeviceRecord("laptop", NOW, None),
+        DeviceRecord("phone", NOW, NOW + 5),
+    ]
+
+
+def test_attaching_checks_user_device_and_registration(store):
+    registration = registered(store, "bob", "phone")
+    with pytest.raises(UnknownUserError):
+        store.attach_device("nobody", "phone", registration, NOW)
+    with pytest.raises(UnknownDeviceError):
+        store.attach_device("bob", "tablet", registration, NOW)
+    with pytest.raises(UnknownDeviceError):
+        store.attach_device("bob", "phone", "stale", NOW)
+    assert store.attach_device("bob", "phone", registration, NOW).pending == 0
+
+
+# -- messages ----------------------------------------------------------------------------
+
+
+def test_a_message_waits_for_every_device_in_order(store):
+    phone, laptop = registered(store, "bob", "phone"), registered(store, "bob", "laptop")
+    first = send(store, ["bob"], b'"one"')
+    second = send(store, ["bob"], b'"two"')
+    for device, registration in (("phone", phone), ("laptop", laptop)):
+        assert store.attach_device("bob", device, registration, NOW).pending == 2
+        assert [m.id for m in pending(store, "bob", device)] == [first.id, second.id]
+    (message,) = first.messages
+    assert (message.sender, message.recipient, message.message_json) == ("alice", "bob", b'"one"')
+    assert message.expires == NOW + TTL * 1000
+
+
+def test_unknown_recipients_fail_the_whole_send(store):
+    registered(store, "bob", "phone")
+    with pytest.raises(UnknownUserError) as unknown:
+        send(store, ["bob", "carol"])
+    assert unknown.value.args[0] == ["carol"]
+    assert pending(store, "bob", "phone") == []
+
+
+def test_a_retried_cid_is_stored_once_with_the_same_answer(store):
+    registered(store, "bob", "phone")
+    first = send(store, ["bob"], cid="c-1")
+    again = send(store, ["bob"], cid="c-1", now=NOW + 10)
+    assert (again.id, again.ts, again.duplicate, again.messages) == (first.id, first.ts, True, ())
+    assert len(pending(store, "bob", "phone")) == 1
+    other_sender = send(store, ["bob"], cid="c-1", sender="carol")
+    assert other_sender.id != first.id
+
+
+def test_pages_follow_the_cursor(store):
+    registered(store, "bob", "phone")
+    ids = [send(store, ["bob"], b"%d" % n).id for n in range(5)]
+    page = store.load_pending("bob", "phone", 0, 2, NOW)
+    assert [m.id for m in page] == ids[:2]
+    rest = store.load_pending("bob", "phone", page[-1].seq, 10, NOW)
+    assert [m.id for m in rest] == ids[2:]
+
+
+def test_a_message_is_retired_once_every_device_acked(store):
+    registered(store, "bob", "phone")
+    registered(store, "bob", "laptop")
+    (message,) = send(store, ["bob"]).messages
+    with store.batch():
+        store.ack("bob", "phone", [message.seq])
+    assert pending(store, "bob", "phone") == []
+    assert [m.id for m in pending(store, "bob", "laptop")] == [message.id]
+    with store.batch():
+        store.ack("bob", "laptop", [message.seq])
+    assert pending(store, "bob", "laptop") == []
+
+
+def test_expired_messages_are_not_loaded_and_are_purged(store):
+    registered(store, "bob", "phone")
+    send(store, ["bob"], ttl=1)
+    kept = send(store, ["bob"], ttl=TTL)
+    later = NOW + 2000
+    assert [m.id for m in pending(store, "bob", "phone", now=later)] == [kept.id]
+    with store.batch():
+        assert store.purge_expired(later) == 1
+    assert [m.id for m in pending(store, "bob", "phone", now=later)] == [kept.id]
+
+
+def test_a_first_attachment_gets_what_is_still_stored(store):
+    registered(store, "bob", "phone")
+    sent = send(store, ["bob"])
+    tablet = store.add_device("bob", "tablet", NOW)
+    assert store.attach_device("bob", "tablet", tablet, NOW).pending == 1
+    assert [m.id for m in pending(store, "bob", "tablet")] == [sent.id]
+
+
+def test_a_user_with_no_device_keeps_messages_for_the_first(store):
+    store.add_user("carol", NOW)
+    sent = send(store, ["carol"])
+    first = store.add_device("carol", "first", NOW)
+    assert store.attach_device("carol", "first", first, NOW).pending == 1
+    assert [m.id for m in pending(store, "carol", "first")] == [sent.id]
+
+
+# -- removing devices ----------------------------------------------------------------------
+
+
+def test_removing_a_device_retires_what_only_it_waited_for(store):
+    registered(store, "bob", "phone")
+    laptop = registered(store, "bob", "laptop")
+    (message,) = send(store, ["bob"]).messages
+    with store.batch():
+        store.ack("bob", "laptop", [message.seq])
+    store.remove_device("bob", "phone", NOW)
+    # Nobody waits for it now: a device attaching for the first time does not get it.
+    tablet = store.add_device("bob", "tablet", NOW)
+    assert store.attach_device("bob", "tablet", tablet, NOW).pending == 0
+    assert store.attach_device("bob", "laptop", laptop, NOW).pending == 0
+
+
+def test_removing_the_last_device_keeps_messages_for_the_next(store):
+    registered(store, "bob", "phone")
+    sent = send(store, ["bob"])
+    store.remove_device("bob", "phone", NOW)
+    tablet = store.add_device("bob", "tablet", NOW)
+    assert store.attach_device("bob", "tablet", tablet, NOW).pending == 1
+    assert [m.id for m in pending(store, "bob", "tablet")] == [sent.id]
+
+
+def test_removals_are_read_from_a_cursor(store):
+    registered(store, "bob", "phone")
+    registered(store, "bob", "laptop")
+    start = store.removed_devices(None)
+    assert start.devices == ()
+    store.remove_device("bob", "phone", NOW)
+    store.remove_device("bob", "laptop", NOW)
+    removed = store.removed_devices(start.cursor)
+    assert removed.devices == (("bob", "phone"), ("bob", "laptop"))
+    assert store.removed_devices(removed.cursor).devices == ()
+    assert store.removed_devices(None).cursor == removed.cursor
+
+
+# -- push tokens ---------------------------------------------------------------------------
+
+
+def test_a_push_token_is_kept_with_its_device_and_named_at_each_send(store):
+    registered(store, "bob", "phone")
+    registered(store, "bob", "laptop")
+    assert store.set_push_token("bob", "phone", "fcm", "t-1") is True
+    assert store.set_push_token("bob", "ghost", "fcm", "t-2") is False
+    accepted = send(store, ["bob"])
+    assert accepted.push_targets == (PushTarget("bob", "phone", "fcm", "t-1"),)
+    assert store.device_for_push_token("fcm", "t-1") == ("bob", "phone")
+    assert store.device_for_push_token("apns", "t-1") is None
+
+
+def test_a_push_token_belongs_to_one_device(store):
+    registered(store, "bob", "phone")
+    registered(store, "carol", "phone")
+    store.set_push_token("bob", "phone", "fcm", "t-1")
+    store.set_push_token("carol", "phone", "fcm", "t-1")
+    assert store.device_for_push_token("fcm", "t-1") == ("carol", "phone")
+    assert send(store, ["bob"]).push_targets == ()
+
+
+def test_a_dead_token_is_removed_only_if_the_device_still_has_it(store):
+    registered(store, "bob", "phone")
+    store.set_push_token("bob", "phone", "fcm", "t-1")
+    store.set_push_token("bob", "phone", "fcm", "t-2")  # the app got a new token meanwhile
+    assert store.remove_push_token("bob", "phone", "fcm", "t-1") is False
+    assert store.device_for_push_token("fcm", "t-2") == ("bob", "phone")
+    assert store.remove_push_token("bob", "phone", "fcm", "t-2") is True
+    assert send(store, ["bob"]).push_targets == ()
