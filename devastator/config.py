@@ -153,6 +153,11 @@ class Settings:
         return self.data_dir / "devastator.db"
 
     @property
+    def admin_socket(self) -> Path:
+        """The admin endpoint's Unix socket (the console's way in)."""
+        return self.data_dir / "admin.sock"
+
+    @property
     def pki_dir(self) -> Path:
         """Where the CA, server certificate and their keys live."""
         return self.data_dir

@@ -6,6 +6,7 @@ server certificate, JWT keys, SQLite database); nothing is set up by hand.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import time
@@ -19,6 +20,7 @@ from gevent.pool import Group
 
 from . import pki
 from .actors import DeviceActor, DeviceLimits, RouterActor, StoreActor, UserActor
+from .actors.admin import AdminActor
 from .actors.push import PushDispatcherActor
 from .actors.messages import Inspect, Tick
 from .auth import JwtAuthority
@@ -27,11 +29,14 @@ from .oidc import OidcVerifier
 from .protocol import Limits
 from .push import PushCounters
 from .push.launch import provider_starters
+from .operations import PROMETHEUS_CONTENT_TYPE, Operations
 from .registration import Registrar
 from .secrets import JwtKeyFile
+from .telemetry import Telemetry
 from .throttled_log import ThrottledLog
 from .store import SqliteStore, Store
 from .transports import HttpTransport, OutboundQueue, TlsTransport
+from .transports.admin import AdminTransport
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +51,13 @@ class Server:
         self.router_ref: pykka.ActorRef | None = None
         self.tls: TlsTransport | None = None
         self.http: HttpTransport | None = None
+        self.admin: AdminTransport | None = None
         self._devices: weakref.WeakSet[pykka.ActorRef] = weakref.WeakSet()
         # Push outcomes per platform, read by the operations endpoints.
         self.push_counters = {platform: PushCounters() for platform in ("apns", "gcm", "fcm")}
+        self.telemetry = Telemetry()
+        self.node = f"{socket.gethostname()}:{os.getpid()}"
+        self.operations: Operations | None = None
 
     # -- starting -------------------------------------------------------------------
 
@@ -88,7 +97,8 @@ class Server:
         )
         push_providers = provider_starters(settings, self.push_counters)  # checked before anything starts
         store = self._store or SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
-        self.store_ref = store_ref = StoreActor.start(store=store)
+        telemetry = self.telemetry
+        self.store_ref = store_ref = StoreActor.start(store=store, telemetry=telemetry)
 
         def start_push(router: pykka.ActorRef) -> pykka.ActorRef:
             return PushDispatcherActor.start(
@@ -109,6 +119,7 @@ class Server:
                 delivery_window=settings.delivery_window,
                 # A quarter: even resent twice over, a window stays within the outbound bound.
                 delivery_window_bytes=settings.max_outbound_bytes // 4,
+                telemetry=telemetry,
             ),
             user_idle_timeout=settings.user_idle_timeout,
             start_push=start_push if push_providers else None,
@@ -128,9 +139,9 @@ class Server:
                 auth_log=auth_log,
                 limits=limits,
                 push_platforms=push_platforms,
+                telemetry=telemetry,
             )
-            self._devices.add(device)
-            return device
+            return self._track(device)
 
         server_context = pki.server_ssl_context(paths)
         self.tls = TlsTransport(
@@ -143,6 +154,7 @@ class Server:
             max_outbound_bytes=settings.max_outbound_bytes,
             read_timeout=settings.read_timeout,
             auth_log=auth_log,
+            telemetry=telemetry,
         )
         self.http = HttpTransport(
             host=settings.host,
@@ -153,11 +165,51 @@ class Server:
             max_outbound_bytes=settings.max_outbound_bytes,
             read_timeout=settings.read_timeout,
             ssl_context=server_context if settings.ws_tls else None,
+            routes={
+                "/debug/vars": ("application/json", lambda: self.operations.debug_vars()),
+                "/metrics": (PROMETHEUS_CONTENT_TYPE, lambda: self.operations.metrics()),
+            },
+            telemetry=telemetry,
+        )
+        self.operations = Operations(
+            telemetry=telemetry,
+            push_counters=self.push_counters,
+            store=store_ref,
+            greenlets=self._greenlet_count,
+            node=self.node,
+        )
+        self.admin = AdminTransport(
+            path=settings.admin_socket,
+            new_device=lambda outbound: self._track(
+                AdminActor.start(
+                    connection=outbound,
+                    router=router_ref,
+                    store=store_ref,
+                    snapshot=self.operations.snapshot,
+                    node=self.node,
+                    message_limits=limits.message_limits,
+                )
+            ),
+            max_frame_bytes=settings.max_frame_bytes,
+            max_outbound_bytes=settings.max_outbound_bytes,
         )
         self._spawn(self._clock)
         self.tls.start()
         self.http.start()
+        self.admin.start()
         log.info("Devastator started (data dir %s)", settings.data_dir.resolve())
+
+    def _track(self, connection_actor: pykka.ActorRef) -> pykka.ActorRef:
+        """Remember an actor that serves a connection, for the sweep at stop."""
+        self._devices.add(connection_actor)
+        return connection_actor
+
+    def _greenlet_count(self) -> int:
+        endpoints = sum(
+            endpoint.greenlet_count for endpoint in (self.tls, self.http, self.admin) if endpoint is not None
+        )
+        # Each actor runs in a greenlet of its own.
+        return endpoints + len(self._greenlets) + len(pykka.ActorRegistry.get_all())
 
     def _spawn(self, function: Callable, *args) -> gevent.Greenlet:
         greenlet = self._greenlets.spawn(function, *args)
@@ -181,7 +233,7 @@ class Server:
         if self._stopped.is_set():
             return
         log.info("Devastator stopping")
-        for transport in (self.http, self.tls):
+        for transport in (self.admin, self.http, self.tls):
             if transport is not None:
                 transport.stop(timeout)
         self._greenlets.kill(timeout=timeout)

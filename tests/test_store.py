@@ -242,3 +242,28 @@ def test_a_dead_token_is_removed_only_if_the_device_still_has_it(store):
     assert store.device_for_push_token("fcm", "t-2") == ("bob", "phone")
     assert store.remove_push_token("bob", "phone", "fcm", "t-2") is True
     assert send(store, ["bob"]).push_targets == ()
+
+
+# -- operators' views ------------------------------------------------------------------------
+
+
+def test_the_backlog_counts_pending_deliveries_per_device(store):
+    registered(store, "bob", "phone")
+    registered(store, "bob", "laptop")
+    send(store, ["bob"], now=NOW)
+    (later,) = send(store, ["bob"], now=NOW + 5).messages
+    with store.batch():
+        store.ack("bob", "laptop", [later.seq])
+    assert store.backlog("bob", NOW + 10) == {"phone": (2, NOW), "laptop": (1, NOW)}
+    assert store.backlog("nobody", NOW) == {}
+
+
+def test_expiring_a_user_s_messages_empties_every_device(store):
+    registered(store, "bob", "phone")
+    registered(store, "carol", "phone")
+    send(store, ["bob", "carol"])
+    send(store, ["bob"])
+    assert store.expire_user("bob", NOW) == 2
+    assert pending(store, "bob", "phone") == []
+    assert len(pending(store, "carol", "phone")) == 1
+    assert store.stats() == {"users": 2, "devices": 2, "messages": 1, "pending": 1}

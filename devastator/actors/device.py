@@ -19,6 +19,7 @@ import pykka
 
 from .. import protocol
 from ..identity import DeviceIdentity
+from ..telemetry import Telemetry
 from ..protocol import (
     Batch,
     ErrorResponse,
@@ -52,6 +53,7 @@ from .messages import (
     DeviceOffline,
     DeviceOnline,
     Inspect,
+    Kicked,
     PushTokenSet,
     Received,
     Register,
@@ -145,6 +147,7 @@ class DeviceActor(pykka.ThreadingActor):
         auth_log: AuthLog,
         limits: DeviceLimits,
         push_platforms: frozenset[str] = frozenset(),
+        telemetry: Telemetry | None = None,
     ):
         super().__init__()
         self._connection = connection
@@ -155,6 +158,7 @@ class DeviceActor(pykka.ThreadingActor):
         self._auth_log = auth_log
         self._limits = limits
         self._push_platforms = push_platforms  # those with a provider configured
+        self._telemetry = telemetry or Telemetry()
         self._keys = itertools.count(1)
         self._echo_ids = itertools.count(1)
         self._waiting: dict[int, _Waiting] = {}
@@ -175,6 +179,8 @@ class DeviceActor(pykka.ThreadingActor):
     # -- pykka ------------------------------------------------------------------
 
     def on_stop(self) -> None:
+        if self.user is not None:
+            self._telemetry.devices_authenticated -= 1
         self._connection.close()
 
     def on_receive(self, message):
@@ -206,7 +212,7 @@ class DeviceActor(pykka.ThreadingActor):
             log.debug("%s: device %s/%s connected again elsewhere", self._connection.remote, self.user,
                       self.device)
             self._close()
-        elif isinstance(message, Revoked):
+        elif isinstance(message, (Revoked, Kicked)):
             self._close()
         elif isinstance(message, ConnectionLost):
             self._on_connection_lost()
@@ -243,7 +249,7 @@ class DeviceActor(pykka.ThreadingActor):
                 self._fail_connection(error)
                 return
             except RpcError as error:
-                self._out.append(encode(ErrorResponse.from_error(error)))
+                self._out.append(encode(self._error_response(error)))
                 continue
             if isinstance(incoming, Batch):
                 batch = _BatchReply()
@@ -258,23 +264,24 @@ class DeviceActor(pykka.ThreadingActor):
 
     def _handle(self, item, batch: _BatchReply | None, acked: list[str]) -> None:
         if isinstance(item, (Request, Notification)):
+            self._telemetry.request(item.method)
             request_id = item.id if isinstance(item, Request) else None
             notification = isinstance(item, Notification)
             try:
                 self._call(item.method, item.params, request_id, notification, batch)
             except RpcError as error:
                 if not notification:
-                    self._reply(batch, ErrorResponse.from_error(error, id=request_id))
+                    self._reply(batch, self._error_response(error, id=request_id))
             except Exception:
                 log.exception("%s: %s failed", self._connection.remote, item.method)
                 if not notification:
-                    self._reply(batch, ErrorResponse.from_error(InternalError(), id=request_id))
+                    self._reply(batch, self._error_response(InternalError(), id=request_id))
         elif isinstance(item, Response):
             # The client's answer to a server request: an ACK of a msg.recv.
             if item.result == "ACK" and isinstance(item.id, str) and self.user is not None:
                 acked.append(item.id)
         elif isinstance(item, Invalid):
-            self._reply(batch, ErrorResponse.from_error(item.error, id=item.id))
+            self._reply(batch, self._error_response(item.error, id=item.id))
         # An ErrorResponse from the client (it could not take a msg.recv) leaves the
         # delivery in flight: it is sent again after the ACK timeout.
 
@@ -358,6 +365,7 @@ class DeviceActor(pykka.ThreadingActor):
         self._authenticating = False
         self.user, self.device = authenticated.user, authenticated.device
         self._user_ref = authenticated.user_ref
+        self._telemetry.devices_authenticated += 1
         issued = self._issued.pop(authenticated.request_key, None)
         result = {"user": self.user, "device": self.device}
         if issued is None:
@@ -377,6 +385,7 @@ class DeviceActor(pykka.ThreadingActor):
         self._release_held()
 
     def _log_refusal(self, method: str, error: RpcError) -> None:
+        self._telemetry.auth_failures += 1
         self._auth_log.warning(
             f"{method}: {error.message}", "%s refused for %s: %s", method, self._connection.remote, error.message
         )
@@ -405,7 +414,7 @@ class DeviceActor(pykka.ThreadingActor):
         if waiting is None or waiting.notification:
             return
         if error is not None:
-            response = ErrorResponse.from_error(error, id=waiting.request_id)
+            response = self._error_response(error, id=waiting.request_id)
         else:
             response = Response(waiting.request_id, result)
         batch = waiting.batch
@@ -415,6 +424,11 @@ class DeviceActor(pykka.ThreadingActor):
         batch.responses.append(response)
         batch.missing -= 1
         self._write_batch_if_complete(batch)
+
+    def _error_response(self, error: RpcError, **request_id) -> ErrorResponse:
+        """The error answer (``id=`` the request's, else the error's own), counted."""
+        self._telemetry.errors[error.code] += 1
+        return ErrorResponse.from_error(error, **request_id)
 
     def _reply_result(self, batch, request_id, notification: bool, result) -> None:
         if not notification:
@@ -467,7 +481,7 @@ class DeviceActor(pykka.ThreadingActor):
 
     def _fail_connection(self, error: RpcError) -> None:
         """A protocol violation: one error reply, then the connection closes."""
-        self._out.append(encode(ErrorResponse.from_error(error)))
+        self._out.append(encode(self._error_response(error)))
         self._close()
 
     def _close(self) -> None:

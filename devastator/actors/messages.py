@@ -295,6 +295,64 @@ class Acked:
     ids: tuple[str, ...]
 
 
+# -- operators (admin endpoint) -> router -> user ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Kick:
+    """Close the device's connections (all of the user's when ``device`` is None); asked, answers a count."""
+
+    device: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExpireUser:
+    """Expire every message stored for ``user`` now; answered with UserExpired."""
+
+    user: str
+    request_key: int
+    reply_to: ActorRef
+
+
+@dataclass(frozen=True, slots=True)
+class UserExpired:
+    request_key: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Kicked:
+    """An operator closed this connection; its messages stay pending."""
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetInFlight:
+    """The user's stored messages were expired by an operator: stop resending them."""
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    user: str
+    watcher: ActorRef
+
+
+@dataclass(frozen=True, slots=True)
+class Unwatch:
+    user: str
+    watcher: ActorRef
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """What happened to a watched user's messages or devices."""
+
+    user: str
+    event: str  # stored, delivered, redelivered, acked, online, offline
+    device: str | None
+    ids: tuple[str, ...]
+    ts: int  # ms since the epoch
+
+
 # -- clock -------------------------------------------------------------------------
 
 

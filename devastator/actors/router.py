@@ -30,7 +30,9 @@ from .messages import (
     PollRemovals,
     PurgeExpired,
     Tick,
+    Unwatch,
     WakeDevices,
+    Watch,
     tell_if_alive,
 )
 
@@ -42,6 +44,7 @@ class _LiveUser:
     ref: pykka.ActorRef
     devices: Counter = field(default_factory=Counter)  # device id -> connections announced online
     idle_since: float = 0.0
+    watchers: int = 0  # consoles watching: the actor stays while they do
 
     @property
     def online(self) -> int:
@@ -111,9 +114,24 @@ class RouterActor(pykka.ThreadingActor):
                 self._tell_user(message.user, live, message)
         elif isinstance(message, Tick):
             self._tick(message)
+        elif isinstance(message, Watch):
+            live = self._users.get(message.user)
+            if live is None:
+                live = self._users[message.user] = _LiveUser(self._start_user(message.user))
+            live.watchers += 1
+            self._tell_user(message.user, live, message)
+        elif isinstance(message, Unwatch):
+            live = self._users.get(message.user)
+            if live is not None:
+                live.watchers = max(0, live.watchers - 1)
+                live.idle_since = self._now
+                self._tell_user(message.user, live, message)
         elif isinstance(message, DevicesRemoved):
             self._on_devices_removed(message)
         elif isinstance(message, Inspect):
+            if isinstance(message.detail, tuple) and message.detail[0] == "user":
+                live = self._users.get(message.detail[1])
+                return None if live is None else live.ref
             return {user: {"online": live.online} for user, live in self._users.items()}
         return None
 
@@ -147,7 +165,7 @@ class RouterActor(pykka.ThreadingActor):
         for user, live in list(self._users.items()):
             if live.online > 0:
                 self._tell_user(user, live, tick)
-            elif tick.now - live.idle_since >= self._user_idle_timeout:
+            elif live.watchers == 0 and tick.now - live.idle_since >= self._user_idle_timeout:
                 idle.append(user)
         for user in idle:
             # Messages already in its inbox are handled before it stops.

@@ -19,6 +19,7 @@ import pykka
 
 from ..protocol.errors import Forbidden, InternalError, UnknownRecipient
 from ..store import Store, UnknownDeviceError, UnknownUserError
+from ..telemetry import Telemetry
 from .messages import (
     Ack,
     Append,
@@ -26,6 +27,7 @@ from .messages import (
     Committed,
     DeviceAttached,
     DevicesRemoved,
+    ExpireUser,
     FindPushDevice,
     Inspect,
     LoadPending,
@@ -40,6 +42,7 @@ from .messages import (
     SendResult,
     SendResults,
     SetPushToken,
+    UserExpired,
     tell_if_alive,
 )
 
@@ -47,9 +50,17 @@ log = logging.getLogger(__name__)
 
 
 class StoreActor(pykka.ThreadingActor):
-    def __init__(self, *, store: Store, max_group: int = 2000, checkpoint_interval: float = 1.0):
+    def __init__(
+        self,
+        *,
+        store: Store,
+        max_group: int = 2000,
+        checkpoint_interval: float = 1.0,
+        telemetry: Telemetry | None = None,
+    ):
         super().__init__()
         self._store = store
+        self._telemetry = telemetry or Telemetry()
         self._max_group = max_group
         self._queued: list = []
         self.commits = 0
@@ -76,14 +87,35 @@ class StoreActor(pykka.ThreadingActor):
         if len(self._queued) >= self._max_group or self.actor_inbox.empty():
             self._commit_queued()
         if isinstance(message, Inspect):
-            return {"commits": self.commits, "committed_requests": self.committed_requests}
+            return self._inspect(message.detail)
         return None
+
+    def _inspect(self, detail) -> dict:
+        """Operators' reads; a tuple detail names what: ("user", id) or ("pending", user, device, limit)."""
+        store = self._store
+        now_ms = int(time.time() * 1000)
+        if isinstance(detail, tuple) and detail[0] == "user":
+            user = detail[1]
+            return {
+                "exists": store.has_user(user),
+                "devices": store.list_devices(user),
+                "backlog": store.backlog(user, now_ms),
+            }
+        if isinstance(detail, tuple) and detail[0] == "pending":
+            _, user, device, limit = detail
+            return {"messages": store.load_pending(user, device, 0, limit, now_ms)}
+        inspected = {"commits": self.commits, "committed_requests": self.committed_requests}
+        if detail == "stats":
+            inspected.update(store.stats())
+        return inspected
 
     def _commit_queued(self) -> None:
         if not self._queued:
             return
         requests, self._queued = self._queued, []
         now_ms = int(time.time() * 1000)
+        telemetry = self._telemetry
+        started = time.perf_counter()
         try:
             with self._store.batch():
                 outcomes = [self._apply(request, now_ms) for request in requests]
@@ -91,9 +123,13 @@ class StoreActor(pykka.ThreadingActor):
             log.exception("store commit of %d requests failed; each is answered with an internal error",
                           len(requests))
             outcomes = [_failed(request) for request in requests]
+            telemetry.commit_failures += 1
         else:
             self.commits += 1
             self.committed_requests += len(requests)
+            telemetry.commits += 1
+            telemetry.commit_size.observe(len(requests))
+            telemetry.commit_seconds.observe(time.perf_counter() - started)
         self._answer(requests, outcomes)
         self._checkpoint_if_due()
 
@@ -126,6 +162,8 @@ class StoreActor(pykka.ThreadingActor):
                     error=UnknownRecipient(data={"unknown": list(unknown.args[0])}),
                 ), (), ()
             result = SendResult(request.request_key, id=accepted.id, ts=accepted.ts)
+            if accepted.messages:
+                self._telemetry.messages_accepted += 1
             if not accepted.push_targets:
                 return result, accepted.messages, ()
             by_recipient = {message.recipient: message for message in accepted.messages}
@@ -164,6 +202,10 @@ class StoreActor(pykka.ThreadingActor):
             if store.set_push_token(request.user, request.device, request.platform, request.token):
                 return PushTokenSet(request.request_key)
             return PushTokenSet(request.request_key, error=Forbidden("this device was removed"))
+        if isinstance(request, ExpireUser):
+            expired = store.expire_user(request.user, now_ms)
+            self._telemetry.messages_expired += expired
+            return UserExpired(request.request_key, expired)
         if isinstance(request, FindPushDevice):
             found = store.device_for_push_token(request.platform, request.token)
             return PushDeviceFound(request.request_key, *(found or (None, None)))
@@ -173,6 +215,7 @@ class StoreActor(pykka.ThreadingActor):
             return None
         if isinstance(request, PurgeExpired):
             purged = store.purge_expired(now_ms)
+            self._telemetry.messages_expired += purged
             if purged:
                 log.debug("expired %d messages", purged)
             return None
@@ -191,7 +234,7 @@ class StoreActor(pykka.ThreadingActor):
                     committed[request.notify].extend(messages)
                     wake[request.notify].extend(push_targets)
             elif isinstance(request, (LoadPending, AttachDevice, Register, PollRemovals, SetPushToken,
-                                      FindPushDevice)):
+                                      FindPushDevice, ExpireUser)):
                 tell_if_alive(request.reply_to, outcome)
         for ref, batch in committed.items():
             tell_if_alive(ref, Committed(tuple(batch), tuple(wake[ref])))
@@ -215,4 +258,6 @@ def _failed(request):
         return PushTokenSet(request.request_key, error=error)
     if isinstance(request, FindPushDevice):
         return PushDeviceFound(request.request_key, None, None)
+    if isinstance(request, ExpireUser):
+        return UserExpired(request.request_key, 0)
     return None

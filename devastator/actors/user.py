@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import pykka
 
 from ..store import StoredMessage
+from ..telemetry import Telemetry
 from .messages import (
     Ack,
     Acked,
@@ -29,12 +30,18 @@ from .messages import (
     DeviceOffline,
     DeviceOnline,
     DeviceRemoved,
+    ForgetInFlight,
     Inspect,
+    Kick,
+    Kicked,
     LoadPending,
     PendingLoaded,
     Replaced,
     Revoked,
     Tick,
+    Unwatch,
+    Watch,
+    WatchEvent,
     tell_if_alive,
 )
 
@@ -71,8 +78,10 @@ class UserActor(pykka.ThreadingActor):
         delivery_window_bytes: int = 2 << 20,
         clock=time.monotonic,
         wall_clock_ms=lambda: int(time.time() * 1000),
+        telemetry: Telemetry | None = None,
     ):
         super().__init__()
+        self._telemetry = telemetry or Telemetry()
         self.user = user
         self._store = store
         self._ack_timeout = ack_timeout
@@ -89,6 +98,7 @@ class UserActor(pykka.ThreadingActor):
         self._devices: dict[str, _DeviceSlot] = {}
         # Connections whose credentials the store is checking: device actor -> device id.
         self._attaching: dict[pykka.ActorRef, str] = {}
+        self._watchers: set[pykka.ActorRef] = set()  # operators' consoles watching this user
 
     def on_receive(self, message):
         if isinstance(message, Committed):
@@ -106,6 +116,7 @@ class UserActor(pykka.ThreadingActor):
             slot = self._devices.get(message.device)
             if slot is not None and slot.ref == message.device_ref:
                 del self._devices[message.device]
+                self._watch("offline", message.device)
         elif isinstance(message, DeviceRemoved):
             slot = self._devices.pop(message.device, None)
             if slot is not None:
@@ -113,8 +124,35 @@ class UserActor(pykka.ThreadingActor):
         elif isinstance(message, Tick):
             self._on_tick(message)
         elif isinstance(message, Inspect):
+            if message.detail == "refs":  # the device actors, for the admin endpoint
+                return {device: slot.ref for device, slot in self._devices.items()}
             return self._inspect()
+        elif isinstance(message, Kick):
+            return self._kick(message.device)
+        elif isinstance(message, ForgetInFlight):
+            for slot in self._devices.values():
+                slot.inflight.clear()
+                slot.inflight_bytes = 0
+        elif isinstance(message, Watch):
+            self._watchers.add(message.watcher)
+        elif isinstance(message, Unwatch):
+            self._watchers.discard(message.watcher)
         return None
+
+    def _kick(self, device: str | None) -> int:
+        kicked = [name for name in self._devices if device is None or name == device]
+        for name in kicked:
+            tell_if_alive(self._devices.pop(name).ref, Kicked())
+            self._watch("offline", name)
+        return len(kicked)
+
+    def _watch(self, event: str, device: str | None = None, ids: tuple[str, ...] = ()) -> None:
+        if not self._watchers:
+            return
+        watch_event = WatchEvent(self.user, event, device, ids, self._wall_clock_ms())
+        for watcher in list(self._watchers):
+            if not tell_if_alive(watcher, watch_event):
+                self._watchers.discard(watcher)
 
     # -- devices coming and going ---------------------------------------------
 
@@ -139,6 +177,7 @@ class UserActor(pykka.ThreadingActor):
         if previous is not None and previous.ref != attached.device_ref:
             tell_if_alive(previous.ref, Replaced())
         slot = self._devices[device] = _DeviceSlot(attached.device_ref)
+        self._watch("online", device)
         self._tell_device(
             device,
             slot,
@@ -175,6 +214,7 @@ class UserActor(pykka.ThreadingActor):
     # -- live traffic ------------------------------------------------------------
 
     def _on_committed(self, committed: Committed) -> None:
+        self._watch("stored", None, tuple(message.id for message in committed.messages))
         for device, slot in list(self._devices.items()):
             if slot.loading:
                 slot.stale = True
@@ -194,6 +234,12 @@ class UserActor(pykka.ThreadingActor):
         if not done:
             return
         slot.inflight_bytes -= sum(_cost(flight.message) for flight in done)
+        telemetry = self._telemetry
+        telemetry.messages_acked += len(done)
+        self._watch("acked", acked.device, tuple(flight.message.id for flight in done))
+        now_ms = self._wall_clock_ms()
+        for flight in done:
+            telemetry.delivery_seconds.observe((now_ms - flight.message.ts) / 1000)
         self._store.tell(Ack(self.user, acked.device, tuple(flight.message.seq for flight in done)))
         if not slot.caught_up and self._has_room(slot):
             self._load(acked.device, slot)
@@ -216,6 +262,8 @@ class UserActor(pykka.ThreadingActor):
                 slot.inflight[message.id] = _InFlight(message, now)
             slot.inflight_bytes = self._window_bytes - byte_room
             slot.cursor = sending[-1].seq
+            self._telemetry.messages_delivered += taken
+            self._watch("delivered", device, tuple(message.id for message in sending))
             self._tell_device(device, slot, Deliver(tuple(sending), as_batch=as_batch))
         return taken == len(messages)
 
@@ -244,6 +292,8 @@ class UserActor(pykka.ThreadingActor):
             if overdue:
                 for flight in overdue:
                     flight.sent_at = tick.now
+                self._telemetry.messages_redelivered += len(overdue)
+                self._watch("redelivered", device, tuple(f.message.id for f in overdue))
                 self._tell_device(device, slot, Deliver(tuple(f.message for f in overdue), as_batch=False))
                 if device not in self._devices:
                     continue

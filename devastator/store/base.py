@@ -127,7 +127,10 @@ class Store(Protocol):
         Called from a worker thread, never inside ``batch()``; may be a no-op.
         """
 
-    # Operators' calls (CLI, console); not on the delivery path.
+    # Operators' calls (CLI, console, telemetry); not on the delivery path.
+    def stats(self) -> dict[str, int]:
+        """Counts for telemetry: users, devices, messages stored, deliveries pending (not ACKed)."""
+
     def add_user(self, user: str, now_ms: int) -> bool: ...
 
     def add_device(self, user: str, device: str, now_ms: int) -> str:
@@ -162,6 +165,14 @@ class Store(Protocol):
         Servers poll this to close the connections of removed devices, also
         when another process (the CLI) removed them.
         """
+
+    def backlog(self, user: str, now_ms: int) -> dict[str, tuple[int, int]]:
+        """device -> (deliveries pending, ts of the oldest), for the user's devices that have any."""
+
+    def expire_user(self, user: str, now_ms: int) -> int:
+        """Expire every message stored for the user now; returns how many there were."""
+
+    def has_user(self, user: str) -> bool: ...
 
     def list_users(self) -> list[str]: ...
 

@@ -375,6 +375,32 @@ class SqliteStore:
             return RemovedDevices(after, ())
         return RemovedDevices(rows[-1][0], tuple((user, device) for _, user, device in rows))
 
+    def backlog(self, user: str, now_ms: int) -> dict[str, tuple[int, int]]:
+        rows = self._conn.execute(
+            "SELECT p.device, count(*), min(m.ts) FROM pending p JOIN messages m ON m.seq = p.seq"
+            " WHERE p.user = ? AND m.expires > ? GROUP BY p.device",
+            (user, now_ms),
+        )
+        return {device: (count, oldest) for device, count, oldest in rows}
+
+    def expire_user(self, user: str, now_ms: int) -> int:
+        db = self._conn
+        with self.batch():
+            db.execute(
+                "DELETE FROM pending WHERE seq IN (SELECT seq FROM messages WHERE recipient = ?)", (user,)
+            )
+            return db.execute("DELETE FROM messages WHERE recipient = ?", (user,)).rowcount
+
+    def stats(self) -> dict[str, int]:
+        db = self._conn
+        return {
+            table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # our own table names
+            for table in ("users", "devices", "messages", "pending")
+        }
+
+    def has_user(self, user: str) -> bool:
+        return self._user_exists(user)
+
     def list_users(self) -> list[str]:
         return [row[0] for row in self._conn.execute("SELECT id FROM users ORDER BY id")]
 

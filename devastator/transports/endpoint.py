@@ -17,6 +17,7 @@ from gevent.lock import Semaphore
 from gevent.pool import Group
 
 from ..actors.messages import ConnectionLost, Received, tell_if_alive
+from ..telemetry import Telemetry
 from .outbound import OutboundQueue
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,18 @@ CREDIT_WAIT_SECONDS = 1.0
 
 class Endpoint:
     name = "endpoint"
+    transport = "?"  # the label of its connections in telemetry
 
-    def __init__(self, *, new_device: Callable[[OutboundQueue], pykka.ActorRef], max_outbound_bytes: int):
+    def __init__(
+        self,
+        *,
+        new_device: Callable[[OutboundQueue], pykka.ActorRef],
+        max_outbound_bytes: int,
+        telemetry: Telemetry | None = None,
+    ):
         self._new_device = new_device
         self._max_outbound_bytes = max_outbound_bytes
+        self._telemetry = telemetry or Telemetry()
         self._writers = Group()
         self._connections: set[OutboundQueue] = set()
         self._server: BaseServer  # set by the subclass
@@ -43,6 +52,12 @@ class Endpoint:
     @property
     def connection_count(self) -> int:
         return len(self._connections)
+
+    @property
+    def greenlet_count(self) -> int:
+        """Connection handlers and writers running now."""
+        pool = getattr(self._server, "pool", None)
+        return (len(pool) if pool is not None else 0) + len(self._writers)
 
     def start(self) -> None:
         self._server.start()
@@ -69,6 +84,7 @@ class Endpoint:
         down to that pace (TCP pushes back on it) instead of filling memory.
         """
         self._connections.add(outbound)
+        self._telemetry.connections_opened[self.transport] += 1
         device = self._new_device(outbound)
         credits = Semaphore(READS_IN_FLIGHT)
 
@@ -85,6 +101,9 @@ class Endpoint:
             reason = "device actor stopped"
         finally:
             self._connections.discard(outbound)
+            self._telemetry.connections_closed[self.transport] += 1
+            if outbound.slow_consumer:
+                self._telemetry.slow_consumers += 1
             tell_if_alive(device, ConnectionLost(reason))  # it may have stopped (server stopping)
             outbound.close()
             outbound.wait_closed(timeout=WRITER_DRAIN_SECONDS)

@@ -21,6 +21,7 @@ from geventwebsocket.websocket import Header, WebSocket
 
 from ..protocol import ErrorResponse, encode
 from ..protocol.errors import RpcError, TooLarge
+from ..telemetry import Telemetry
 from .endpoint import Endpoint
 from .outbound import OutboundQueue
 
@@ -96,6 +97,7 @@ class _WebSocketHandler(WebSocketHandler):
 
 class HttpTransport(Endpoint):
     name = "HTTP/WebSocket endpoint"
+    transport = "ws"
 
     def __init__(
         self,
@@ -109,8 +111,9 @@ class HttpTransport(Endpoint):
         read_timeout: float,
         ssl_context: ssl.SSLContext | None = None,
         routes: Mapping[str, Route] | None = None,
+        telemetry: Telemetry | None = None,
     ):
-        super().__init__(new_device=new_device, max_outbound_bytes=max_outbound_bytes)
+        super().__init__(new_device=new_device, max_outbound_bytes=max_outbound_bytes, telemetry=telemetry)
         self._max_frame_bytes = max_frame_bytes
         self._read_timeout = read_timeout
         self._routes = dict(routes or {})

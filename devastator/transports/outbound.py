@@ -43,6 +43,7 @@ class OutboundQueue:
         self._closing = False
         self._final: Callable[[], None] | None = None
         self._shut_done = gevent.event.Event()
+        self.slow_consumer = False  # closed because it would not read what it was sent
 
     @property
     def closing(self) -> bool:
@@ -56,6 +57,7 @@ class OutboundQueue:
         self._queued_bytes += sum(map(len, bodies))
         if self._queued_bytes > self._max_bytes:
             log.warning("%s: slow consumer disconnected (%d bytes unsent)", self.remote, self._queued_bytes)
+            self.slow_consumer = True
             self._queued.clear()
             self._queued_bytes = 0
             self._closing = True

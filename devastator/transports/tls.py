@@ -18,6 +18,7 @@ from gevent.server import StreamServer
 from ..pki import client_identity
 from ..protocol import ErrorResponse, FrameDecoder, encode, encode_frames
 from ..protocol.errors import RpcError
+from ..telemetry import Telemetry
 from .endpoint import Endpoint
 from .outbound import OutboundQueue
 
@@ -28,6 +29,7 @@ READ_SIZE = 65536
 
 class TlsTransport(Endpoint):
     name = "TLS endpoint"
+    transport = "tls"
 
     def __init__(
         self,
@@ -42,8 +44,9 @@ class TlsTransport(Endpoint):
         read_timeout: float,
         auth_log,
         handshake_timeout: float = 10.0,
+        telemetry: Telemetry | None = None,
     ):
-        super().__init__(new_device=new_device, max_outbound_bytes=max_outbound_bytes)
+        super().__init__(new_device=new_device, max_outbound_bytes=max_outbound_bytes, telemetry=telemetry)
         self._ssl_context = ssl_context
         self._max_frame_bytes = max_frame_bytes
         self._read_timeout = read_timeout
@@ -59,6 +62,7 @@ class TlsTransport(Endpoint):
         except ssl.SSLCertVerificationError as error:
             # A client certificate that does not chain to our CA: an authentication failure.
             reason = error.verify_message or error.reason or "verification failed"
+            self._telemetry.auth_failures += 1
             self._auth_log.warning(
                 f"client certificate: {reason}", "client certificate refused for %s: %s", remote, reason
             )
@@ -71,39 +75,44 @@ class TlsTransport(Endpoint):
         conn.settimeout(self._read_timeout)
         outbound = OutboundQueue(
             write=lambda bodies: conn.sendall(encode_frames(bodies)),
-            shut=lambda: _shut(conn),
+            shut=lambda: shut_socket(conn),
             spawn=self._spawn_writer,
             max_bytes=self._max_outbound_bytes,
             remote=remote,
             peer_identity=client_identity(conn.getpeercert(binary_form=True)),
         )
         try:
-            self._serve(outbound, lambda forward: self._read(conn, forward, outbound))
+            self._serve(outbound, lambda forward: read_frames(conn, forward, outbound, self._max_frame_bytes))
         finally:
             conn.close()
 
-    def _read(self, conn, forward: Callable[[tuple], None], outbound: OutboundQueue) -> str:
-        decoder = FrameDecoder(self._max_frame_bytes)
-        while not outbound.closing:
-            try:
-                data = conn.recv(READ_SIZE)
-            except TimeoutError:
-                return "read timeout"
-            except OSError as error:
-                return f"read failed: {error}"
-            if not data:
-                return "closed by peer"
-            try:
-                bodies = decoder.feed(data)
-            except RpcError as violation:
-                outbound.send([encode(ErrorResponse.from_error(violation))])
-                return f"framing violation: {violation.message}"
-            if bodies:
-                forward(tuple(bodies))
-        return "closed by server"
+
+def read_frames(conn, forward: Callable[[tuple], None], outbound: OutboundQueue, max_frame_bytes: int) -> str:
+    """Read length-prefixed frames until the connection ends; say why it ended.
+
+    A framing violation gets one JSON-RPC error before the connection closes.
+    """
+    decoder = FrameDecoder(max_frame_bytes)
+    while not outbound.closing:
+        try:
+            data = conn.recv(READ_SIZE)
+        except TimeoutError:
+            return "read timeout"
+        except OSError as error:
+            return f"read failed: {error}"
+        if not data:
+            return "closed by peer"
+        try:
+            bodies = decoder.feed(data)
+        except RpcError as violation:
+            outbound.send([encode(ErrorResponse.from_error(violation))])
+            return f"framing violation: {violation.message}"
+        if bodies:
+            forward(tuple(bodies))
+    return "closed by server"
 
 
-def _shut(conn) -> None:
+def shut_socket(conn) -> None:
     # Closing the socket wakes the reader greenlet blocked on it.
     try:
         conn.shutdown(socket.SHUT_RDWR)

@@ -1,0 +1,328 @@
+"""The admin actor: one per console connection on the admin socket, answering operators' calls.
+
+It reads the same JSON-RPC as a device actor, but its methods look at and
+steer the server: list the live actors, inspect a user or a device, the
+figures, close a user's connections, send a message as "system", expire a
+user's messages, and watch a user's deliveries live. Nothing asks it, so it
+may ask the actors below it (router, user, device, store) and wait.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+
+import orjson
+import pykka
+
+from .. import protocol
+from ..protocol import Batch, ErrorResponse, Invalid, Notification, Request, Response, decode, encode
+from ..protocol.errors import (
+    InternalError,
+    InvalidParams,
+    InvalidRequest,
+    MethodNotFound,
+    ParseError,
+    RpcError,
+)
+from .messages import (
+    Append,
+    ConnectionLost,
+    ExpireUser,
+    ForgetInFlight,
+    Inspect,
+    Kick,
+    Received,
+    SendResults,
+    Unwatch,
+    UserExpired,
+    Watch,
+    WatchEvent,
+)
+
+log = logging.getLogger(__name__)
+
+SYSTEM_SENDER = "system"
+ASK_TIMEOUT = 5.0
+PENDING_SHOWN = 20
+DEFAULT_ACTORS_LIMIT = 1000
+
+
+class AdminActor(pykka.ThreadingActor):
+    def __init__(
+        self,
+        *,
+        connection,
+        router: pykka.ActorRef,
+        store: pykka.ActorRef,
+        snapshot: Callable[[], dict],
+        node: str,
+        message_limits: protocol.Limits,
+        max_batch: int = 100,
+    ):
+        super().__init__()
+        self._connection = connection
+        self._router = router
+        self._store = store
+        self._snapshot = snapshot  # the server's figures (operations.Operations.snapshot)
+        self._node = node
+        self._limits = message_limits
+        self._max_batch = max_batch
+        self._keys = itertools.count(1)
+        self._waiting: dict[int, object] = {}  # request key -> JSON-RPC id, for answers that come later
+        self._expiring: dict[int, str] = {}  # request key -> user
+        self._watching: set[str] = set()
+
+    def on_stop(self) -> None:
+        for user in self._watching:
+            self._router.tell(Unwatch(user, self.actor_ref))
+        self._connection.close()
+
+    def on_receive(self, message):
+        if isinstance(message, Received):
+            if message.taken is not None:
+                message.taken()
+            for body in message.bodies:
+                self._on_body(body)
+        elif isinstance(message, SendResults):
+            for result in message.results:
+                if result.error is not None:
+                    self._answer(self._waiting.pop(result.request_key, None), error=result.error)
+                else:
+                    self._answer(self._waiting.pop(result.request_key, None), {"id": result.id, "ts": result.ts})
+        elif isinstance(message, UserExpired):
+            user = self._expiring.pop(message.request_key, None)
+            live = self._user_actor(user) if user else None
+            if live is not None:
+                live.tell(ForgetInFlight())
+            self._answer(self._waiting.pop(message.request_key, None), {"expired": message.count})
+        elif isinstance(message, WatchEvent):
+            self._on_watch_event(message)
+        elif isinstance(message, ConnectionLost):
+            self.stop()
+        return None
+
+    # -- JSON-RPC -------------------------------------------------------------------------
+
+    def _on_body(self, body) -> None:
+        try:
+            incoming = decode(body, max_batch=self._max_batch)
+        except ParseError as error:
+            self._write(ErrorResponse.from_error(error))
+            self._connection.close()
+            return
+        except RpcError as error:
+            self._write(ErrorResponse.from_error(error))
+            return
+        if isinstance(incoming, Batch):
+            self._write(ErrorResponse.from_error(InvalidRequest("the admin endpoint takes no batches")))
+            return
+        for item in (incoming,):
+            if isinstance(item, Invalid):
+                self._write(ErrorResponse.from_error(item.error, id=item.id))
+            elif isinstance(item, (Request, Notification)):
+                request_id = item.id if isinstance(item, Request) else None
+                try:
+                    result = self._call(item.method, item.params or {}, request_id)
+                except RpcError as error:
+                    self._answer(request_id, error=error)
+                except Exception:
+                    log.exception("admin %s failed", item.method)
+                    self._answer(request_id, error=InternalError())
+                else:
+                    if result is not _LATER:
+                        self._answer(request_id, result)
+
+    def _answer(self, request_id, result=None, *, error: RpcError | None = None) -> None:
+        if request_id is None:
+            return  # a notification
+        if error is not None:
+            self._write(ErrorResponse.from_error(error, id=request_id))
+        else:
+            self._write(Response(request_id, result))
+
+    def _write(self, value) -> None:
+        self._connection.send([encode(value)])
+
+    # -- methods ------------------------------------------------------------------------------
+
+    def _call(self, method: str, params, request_id):
+        if not isinstance(params, dict):
+            raise InvalidParams("params must be an object")
+        handler = _METHODS.get(method)
+        if handler is None:
+            raise MethodNotFound(f"no admin method {method!r}; try one of {', '.join(sorted(_METHODS))}")
+        return handler(self, params, request_id)
+
+    def _ping(self, params, request_id):
+        return "pong"
+
+    def _stats(self, params, request_id):
+        return self._snapshot()
+
+    def _actors(self, params, request_id):
+        limit = params.get("limit", DEFAULT_ACTORS_LIMIT)
+        if type(limit) is not int or limit < 0:
+            raise InvalidParams('"limit" must be a non-negative integer')
+        refs = pykka.ActorRegistry.get_all()
+        kinds: dict[str, dict[str, int]] = {}
+        listed = []
+        for ref in refs:
+            kind = ref.actor_class.__name__
+            inbox = ref.actor_inbox.qsize()
+            figures = kinds.setdefault(kind, {"count": 0, "inbox": 0})
+            figures["count"] += 1
+            figures["inbox"] += inbox
+            if len(listed) < limit:
+                listed.append(self._describe(ref, kind, inbox))
+        listed.sort(key=lambda actor: (actor["kind"], actor["id"]))
+        return {"node": self._node, "kinds": dict(sorted(kinds.items())), "actors": listed,
+                "truncated": len(refs) > limit}
+
+    def _describe(self, ref: pykka.ActorRef, kind: str, inbox: int) -> dict:
+        described = {"kind": kind, "id": kind, "inbox": inbox}
+        if ref == self.actor_ref or kind not in ("UserActor", "DeviceActor"):
+            return described
+        try:
+            inspected = ref.ask(Inspect(), timeout=ASK_TIMEOUT)
+        except (pykka.ActorDeadError, pykka.Timeout):
+            return described
+        if kind == "UserActor":
+            described["id"] = inspected["user"]
+        else:
+            user, device = inspected["user"], inspected["device"]
+            described["id"] = f"{user}/{device}" if user else "(not authenticated)"
+            described["remote"] = inspected["remote"]
+        return described
+
+    def _user(self, params, request_id):
+        user = _required(params, "user")
+        return {"user": user, **self._user_view(user)}
+
+    def _user_view(self, user: str) -> dict:
+        stored = self._store.ask(Inspect(("user", user)), timeout=ASK_TIMEOUT)
+        if not stored["exists"]:
+            raise InvalidParams(f"no user {user!r}")
+        live_ref = self._user_actor(user)
+        live = live_ref.ask(Inspect(), timeout=ASK_TIMEOUT) if live_ref is not None else {"devices": {}}
+        now_ms = time.time() * 1000
+        devices = []
+        for record in stored["devices"]:
+            count, oldest = stored["backlog"].get(record.device, (0, None))
+            online = live["devices"].get(record.device)
+            devices.append({
+                "device": record.device,
+                "registered": record.created,
+                "first_authenticated": record.attached,
+                "online": online is not None,
+                "pending": count,
+                "oldest_pending_age_seconds": None if oldest is None else round((now_ms - oldest) / 1000, 3),
+                "in_flight": online["in_flight"] if online else 0,
+                "push_platform": record.push_platform,
+                "push_token": record.push_token,
+            })
+        return {"live": live_ref is not None, "devices": devices}
+
+    def _device(self, params, request_id):
+        user, device = _required(params, "user"), _required(params, "device")
+        view = self._user_view(user)
+        entry = next((d for d in view["devices"] if d["device"] == device), None)
+        if entry is None:
+            raise InvalidParams(f"user {user!r} has no device {device!r}")
+        remote = None
+        live_ref = self._user_actor(user)
+        if live_ref is not None and entry["online"]:
+            device_ref = live_ref.ask(Inspect("refs"), timeout=ASK_TIMEOUT).get(device)
+            if device_ref is not None:
+                try:
+                    remote = device_ref.ask(Inspect(), timeout=ASK_TIMEOUT)["remote"]
+                except (pykka.ActorDeadError, pykka.Timeout):
+                    remote = None
+        pending = self._store.ask(Inspect(("pending", user, device, PENDING_SHOWN)), timeout=ASK_TIMEOUT)
+        return {
+            "user": user,
+            **entry,
+            "remote": remote,
+            "pending_messages": [
+                {"id": m.id, "from": m.sender, "ts": m.ts, "expires": m.expires, "bytes": len(m.message_json)}
+                for m in pending["messages"]
+            ],
+        }
+
+    def _kick(self, params, request_id):
+        user = _required(params, "user")
+        device = params.get("device")
+        if device is not None and not isinstance(device, str):
+            raise InvalidParams('"device" must be a string')
+        live_ref = self._user_actor(user)
+        if live_ref is None:
+            return {"closed": 0}
+        return {"closed": live_ref.ask(Kick(device), timeout=ASK_TIMEOUT)}
+
+    def _send(self, params, request_id):
+        send = protocol.parse_send(params, self._limits)
+        key = next(self._keys)
+        self._waiting[key] = request_id
+        self._store.tell(
+            Append(SYSTEM_SENDER, send.to, send.message_json, None, send.ttl, key, self.actor_ref, self._router)
+        )
+        return _LATER
+
+    def _expire(self, params, request_id):
+        user = _required(params, "user")
+        key = next(self._keys)
+        self._waiting[key] = request_id
+        self._expiring[key] = user
+        self._store.tell(ExpireUser(user, key, self.actor_ref))
+        return _LATER
+
+    def _watch(self, params, request_id):
+        user = _required(params, "user")
+        if user not in self._watching:
+            self._watching.add(user)
+            self._router.tell(Watch(user, self.actor_ref))
+        return "ACK"
+
+    def _unwatch(self, params, request_id):
+        user = _required(params, "user")
+        if user in self._watching:
+            self._watching.discard(user)
+            self._router.tell(Unwatch(user, self.actor_ref))
+        return "ACK"
+
+    def _on_watch_event(self, event: WatchEvent) -> None:
+        if event.user not in self._watching:
+            return
+        base = {"user": event.user, "event": event.event, "ts": event.ts}
+        if event.device is not None:
+            base["device"] = event.device
+        for message_id in event.ids or (None,):
+            params = dict(base) if message_id is None else {**base, "id": message_id}
+            self._connection.send([orjson.dumps({"jsonrpc": "2.0", "method": "watch.event", "params": params})])
+
+    def _user_actor(self, user: str) -> pykka.ActorRef | None:
+        return self._router.ask(Inspect(("user", user)), timeout=ASK_TIMEOUT)
+
+
+_LATER = object()  # the answer is written when the store replies
+
+_METHODS = {
+    "ping": AdminActor._ping,
+    "stats": AdminActor._stats,
+    "actors": AdminActor._actors,
+    "user": AdminActor._user,
+    "device": AdminActor._device,
+    "kick": AdminActor._kick,
+    "send": AdminActor._send,
+    "expire": AdminActor._expire,
+    "watch": AdminActor._watch,
+    "unwatch": AdminActor._unwatch,
+}
+
+
+def _required(params: dict, name: str) -> str:
+    value = params.get(name)
+    if not isinstance(value, str) or not value:
+        raise InvalidParams(f'"{name}" must be a non-empty string')
+    return value
