@@ -107,6 +107,10 @@ def _configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
+    # The push libraries narrate every connection at INFO; their trouble is
+    # reported by our providers, once per outage.
+    for chatty in ("hyper", "slixmpp", "asyncio"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
 
 
 class _JsonFormatter(logging.Formatter):
