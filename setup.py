@@ -15,5 +15,5 @@ setup(
         "cryptography",
         "websocket-client",
     ],
-    scripts=["bin/devastator"],
+    scripts=["bin/devastator", "bin/devastator-console"],
 )
