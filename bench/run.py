@@ -73,9 +73,11 @@ def free_port(host: str) -> int:
 class ServerProcess:
     """``bin/devastator`` as a subprocess in its own session, stopped with SIGTERM."""
 
-    def __init__(self, data_dir: Path, host: str):
+    def __init__(self, data_dir: Path, host: str, *, env: dict[str, str] | None = None, workers: int = 1):
         self.data_dir = data_dir
         self.host = host
+        self.env = {**os.environ, **(env or {})}
+        self.workers = workers
         self.tls_port = free_port(host)
         self.http_port = free_port(host)
         while self.http_port == self.tls_port:
@@ -92,13 +94,14 @@ class ServerProcess:
             sys.executable, str(ROOT / "bin" / "devastator"),
             "--data-dir", str(self.data_dir), "--host", self.host,
             "--tls-port", str(self.tls_port), "--http-port", str(self.http_port),
+            "--workers", str(self.workers),
         ]
         with open(self.log_path, "ab") as log:
             # Own session: a Ctrl-C in the terminal reaches only the bench, which
             # then stops the server with SIGTERM like an operator would.
             self._process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=str(ROOT), start_new_session=True,
+                cwd=str(ROOT), start_new_session=True, env=self.env,
             )
         deadline = time.monotonic() + timeout
         while True:
@@ -134,31 +137,53 @@ class ServerProcess:
             return "(no server log)"
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a --workers supervisor and its workers)."""
+    pids, index = [pid], 0
+    while index < len(pids):
+        try:
+            with open(f"/proc/{pids[index]}/task/{pids[index]}/children") as children:
+                pids.extend(int(child) for child in children.read().split())
+        except OSError:
+            pass
+        index += 1
+    return pids
+
+
 def process_cpu_seconds(pid: int | None) -> tuple[float, float] | None:
-    """(utime, stime) of ``pid`` in seconds: fields 14 and 15 of /proc/PID/stat."""
+    """(utime, stime) in seconds of ``pid`` and its children: fields 14 and 15 of /proc/PID/stat."""
     if pid is None:
         return None
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            data = stat.read()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces: count the fields after its ")".
-    fields = data[data.rindex(b")") + 2:].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+    user = system = 0.0
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/stat", "rb") as stat:
+                data = stat.read()
+        except OSError:
+            if member == pid:
+                return None
+            continue
+        # The command name (field 2) may hold spaces: count the fields after its ")".
+        fields = data[data.rindex(b")") + 2:].split()
+        user += int(fields[11]) / CLK_TCK
+        system += int(fields[12]) / CLK_TCK
+    return user, system
 
 
 def process_rss_mb(pid: int | None) -> float | None:
+    """Resident memory of ``pid`` and its children."""
     if pid is None:
         return None
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+    total = None
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/status") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        total = (total or 0.0) + int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return total
 
 
 def own_cpu_seconds() -> float:
@@ -192,8 +217,15 @@ class CpuMeter:
 # -- tokens --------------------------------------------------------------------------
 
 
-def mint_tokens(data_dir: Path, users: list[str]) -> dict[str, str]:
-    """Create the users and their device in the server's database and mint their JWTs.
+def store_settings(data_dir: Path, env: dict[str, str]):
+    """The settings the server runs with, for the bench to reach the same store."""
+    from devastator.config import load_settings
+
+    return load_settings(env=env, overrides={"data_dir": str(data_dir)})
+
+
+def mint_tokens(settings, users: list[str]) -> dict[str, str]:
+    """Create the users and their device in the server's store and mint their JWTs.
 
     In-process rather than one ``devastator token`` per user, which takes long
     for many users. The server must have created its data directory first:
@@ -202,12 +234,12 @@ def mint_tokens(data_dir: Path, users: list[str]) -> dict[str, str]:
     from devastator.auth import JwtAuthority
     from devastator.identity import DeviceIdentity
     from devastator.secrets import JwtKeyFile, jwt_keys_path
-    from devastator.store import SqliteStore
+    from devastator.store.factory import make_store
 
-    if not jwt_keys_path(data_dir).exists() or not (data_dir / "devastator.db").exists():
-        raise BenchError(f"{data_dir} holds no server data (jwt-keys.json, devastator.db)")
-    authority = JwtAuthority(JwtKeyFile(data_dir))
-    store = SqliteStore(data_dir / "devastator.db", synchronous="NORMAL")
+    if not jwt_keys_path(settings.data_dir).exists():
+        raise BenchError(f"{settings.data_dir} holds no server data (jwt-keys.json)")
+    authority = JwtAuthority(JwtKeyFile(settings.data_dir))
+    store = make_store(settings)
     store.open()
     try:
         now_ms = int(time.time() * 1000)
@@ -221,14 +253,17 @@ def mint_tokens(data_dir: Path, users: list[str]) -> dict[str, str]:
     return {identity.user: authority.mint(identity, 24 * 3600) for identity in identities}
 
 
-def pending_count(data_dir: Path, users: list[str]) -> int:
-    """Rows the server still keeps pending for ``users`` (its ACKs not yet applied)."""
-    db = sqlite3.connect(f"file:{data_dir / 'devastator.db'}?mode=ro", uri=True, timeout=5)
+def pending_count(settings, users: list[str]) -> int:
+    """Deliveries the server still keeps pending for ``users`` (its ACKs not yet applied)."""
+    from devastator.store.factory import make_store
+
+    store = make_store(settings)
+    store.open()
     try:
-        marks = ",".join("?" * len(users))
-        return db.execute(f"SELECT count(*) FROM pending WHERE user IN ({marks})", users).fetchone()[0]
+        now_ms = int(time.time() * 1000)
+        return sum(count for user in users for count, _ in store.backlog(user, now_ms).values())
     finally:
-        db.close()
+        store.close()
 
 
 # -- the load generator ------------------------------------------------------------
@@ -556,9 +591,10 @@ def per_msg_us(seconds: float | None, count: int) -> float | None:
 
 
 class Bench:
-    def __init__(self, args, data_dir: Path, address, server_pid: int | None, server: ServerProcess | None):
+    def __init__(self, args, settings, address, server_pid: int | None, server: ServerProcess | None):
         self.args = args
-        self.data_dir = data_dir
+        self.settings = settings
+        self.data_dir = data_dir = settings.data_dir
         self.address = address
         self.server_pid = server_pid
         self.server = server
@@ -580,7 +616,7 @@ class Bench:
 
     def setup(self, quotas: list[int] | None) -> None:
         users = [user for pair in self.pairs for user in pair]
-        tokens = mint_tokens(self.data_dir, users)
+        tokens = mint_tokens(self.settings, users)
         args = self.args
         for i, (sender, recipient) in enumerate(self.pairs):
             self.recipients.append(self._open(RecipientConnection(
@@ -703,7 +739,7 @@ class Bench:
     def run_idle(self) -> dict:
         """Server memory per authenticated, idle connection."""
         users = [f"bench-{self.tag}-idle{i}" for i in range(self.args.connections)]
-        tokens = mint_tokens(self.data_dir, users)
+        tokens = mint_tokens(self.settings, users)
         gevent.sleep(1)  # let the server settle before the baseline
         before = process_rss_mb(self.server_pid)
         for start in range(0, len(users), 200):  # in steps, not one accept storm
@@ -731,7 +767,7 @@ class Bench:
         left = None
         while True:
             try:
-                left = pending_count(self.data_dir, users)
+                left = pending_count(self.settings, users)
             except sqlite3.Error:
                 left = None
             if left == 0 or time.monotonic() > deadline:
@@ -857,6 +893,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="also print one JSON line of results")
     parser.add_argument("--host", default="127.0.0.1", help="address of the server (127.0.0.1)")
     parser.add_argument("--keep-data", action="store_true", help="keep the temporary data dir and server log")
+    parser.add_argument("--store", choices=("sqlite", "redis"), default="sqlite", help="the server's store (sqlite)")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="with --store redis")
+    parser.add_argument("--workers", type=int, default=1, help="server processes (1; more need --store redis)")
     existing = parser.add_argument_group("an already running server (instead of starting one)")
     existing.add_argument("--server-data-dir", type=Path, help="its data dir (ca.pem, jwt-keys.json, db)")
     existing.add_argument("--tls-port", type=int, help="its TLS port")
@@ -866,6 +905,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--pairs and --window must be at least 1, --duration positive, --warmup not negative")
     if args.mode == "offline" and args.messages < args.pairs:
         parser.error("--messages must be at least --pairs")
+    if args.workers > 1 and args.store != "redis":
+        parser.error("--workers above 1 needs --store redis")
     if (args.server_data_dir is None) != (args.tls_port is None):
         parser.error("--server-data-dir and --tls-port go together")
     return args
@@ -883,17 +924,21 @@ def main(argv=None) -> int:
     bench = None
     status = 1
     try:
+        # A key prefix of its own: a shared Redis keeps the runs apart, and counts stay ours.
+        env = {**os.environ, "DEVASTATOR_STORE": args.store, "DEVASTATOR_REDIS_URL": args.redis_url}
+        if args.server_data_dir is None:
+            env["DEVASTATOR_REDIS_PREFIX"] = f"bench-{secrets.token_hex(4)}:"
         if args.server_data_dir is not None:
             data_dir, server_pid = args.server_data_dir, args.server_pid
             address = (args.host, args.tls_port)
         else:
             tmp_dir = Path(tempfile.mkdtemp(prefix="devastator-bench-"))
-            server = ServerProcess(tmp_dir, args.host)
+            server = ServerProcess(tmp_dir, args.host, env=env, workers=args.workers)
             server.start()
             data_dir, server_pid = tmp_dir, server.pid
             address = (args.host, server.tls_port)
             print(f"bench: server pid {server.pid} on TLS port {server.tls_port}, data {tmp_dir}", file=sys.stderr)
-        bench = Bench(args, data_dir, address, server_pid, server)
+        bench = Bench(args, store_settings(data_dir, env), address, server_pid, server)
         runs = {"online": bench.run_online, "offline": bench.run_offline, "idle": bench.run_idle}
         result = runs[args.mode]()
         if server is not None and not server.alive():

@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
+import signal
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,9 +24,13 @@ from .config import Settings, SettingsError, load_settings
 from .identity import DeviceIdentity
 from .pki import ensure_private_dir
 from .protocol import is_valid_device_id, is_valid_user_id
-from .store import SqliteStore
+from .store import Store
+from .store.factory import make_store
 
 DEFAULT_DEVICE = "default"
+# Set by the supervisor in each worker's environment (--workers N).
+WORKER_INDEX_ENV = "DEVASTATOR_WORKER_INDEX"
+WORKER_RESTART_SECONDS = 1.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     server_flags.add_argument("--host", default=argparse.SUPPRESS, help="address to bind (127.0.0.1)")
     server_flags.add_argument("--tls-port", default=argparse.SUPPRESS, help="TLS endpoint port (3001)")
     server_flags.add_argument("--http-port", default=argparse.SUPPRESS, help="HTTP/WebSocket port (3000)")
+    server_flags.add_argument(
+        "--workers", default=argparse.SUPPRESS, help="server processes sharing the ports (1; more need store=redis)"
+    )
 
     parser = argparse.ArgumentParser(
         prog="devastator", parents=[common, server_flags], description="Devastator messaging server."
@@ -94,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    names = {"data_dir": "data_dir", "host": "host", "tls_port": "tls_port", "http_port": "http_port"}
+    names = {"data_dir": "data_dir", "host": "host", "tls_port": "tls_port", "http_port": "http_port",
+             "workers": "workers"}
     return {setting: getattr(args, flag) for flag, setting in names.items() if hasattr(args, flag)}
 
 
@@ -127,6 +139,8 @@ class _JsonFormatter(logging.Formatter):
 
 
 def _serve(settings: Settings, args) -> int:
+    if settings.workers > 1 and WORKER_INDEX_ENV not in os.environ:
+        return _supervise(settings)
     from .server import Server  # the server stack is only imported to serve
 
     server = Server(settings)
@@ -144,8 +158,62 @@ def _serve(settings: Settings, args) -> int:
     return 0
 
 
-def _open_store(settings: Settings) -> SqliteStore:
-    store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
+def _supervise(settings: Settings) -> int:
+    """Run ``settings.workers`` server processes on the same ports; restart any that dies.
+
+    Each worker is a node of the cluster (the Redis store), named after this
+    one with its index. SIGTERM or SIGINT stops them all.
+    """
+    import gevent
+    import gevent.event
+
+    from .pki import ensure_pki
+    from .secrets import ensure_jwt_keys
+    from .server import server_names
+
+    log = logging.getLogger("devastator")
+    # Made once here, so that workers starting together do not race to make them.
+    ensure_pki(settings.data_dir, server_names(settings.host))
+    ensure_jwt_keys(settings.data_dir)
+    base = settings.node_name or socket.gethostname().replace(":", "-")[:60]
+    command = [sys.executable, "-m", "devastator", *sys.argv[1:]]
+    stopping = gevent.event.Event()
+    workers: dict[int, subprocess.Popen] = {}
+
+    def start(index: int) -> None:
+        env = {**os.environ, WORKER_INDEX_ENV: str(index), "DEVASTATOR_NODE_NAME": f"{base}-w{index}"}
+        workers[index] = subprocess.Popen(command, env=env)
+
+    def stop() -> None:
+        stopping.set()
+        for worker in workers.values():
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, stop)
+    for index in range(settings.workers):
+        start(index)
+    log.info("supervising %d workers on ports %d and %d", settings.workers, settings.tls_port, settings.http_port)
+    while not stopping.is_set():
+        for index, worker in list(workers.items()):
+            code = worker.poll()
+            if code is not None and not stopping.is_set():
+                log.error("worker %d exited with %s; starting it again", index, code)
+                stopping.wait(WORKER_RESTART_SECONDS)
+                if not stopping.is_set():
+                    start(index)
+        stopping.wait(0.2)
+    for worker in workers.values():
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    return 0
+
+
+def _open_store(settings: Settings) -> Store:
+    store = make_store(settings)
     store.open()
     return store
 

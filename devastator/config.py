@@ -82,6 +82,13 @@ class Settings:
     user_idle_timeout: float = 60.0  # seconds before an idle user actor is stopped
     tick_interval: float = 1.0  # seconds between timer ticks
     sqlite_synchronous: str = "FULL"  # one of SQLITE_SYNCHRONOUS_MODES
+    # Beyond one machine: the Redis store, shared by every node.
+    store: str = "sqlite"  # "sqlite" (embedded, one process) or "redis"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster_nodes: tuple[str, ...] = ()  # "host:port" of Redis Cluster nodes; empty: redis_url
+    redis_prefix: str = "dv:"  # of every key, so that a shared Redis stays tidy
+    node_name: str = ""  # this node's name in the cluster (and its admin socket's); empty: host:pid
+    workers: int = 1  # processes sharing the ports (SO_REUSEPORT); more than 1 needs the Redis store
     token_ttl: int = 2592000  # seconds a minted JWT lives by default (30 days)
     cert_days: int = 365  # days an issued client certificate lives
     log_level: str = "INFO"  # one of LOG_LEVELS
@@ -133,6 +140,14 @@ class Settings:
             # Normalising here (str -> Path, int -> float, "full" -> "FULL")
             # lets every layer hand over values in their most natural form.
             object.__setattr__(self, field.name, rule.normalize(value))
+        if self.workers > 1 and self.store != "redis":
+            raise SettingsError(
+                "workers",
+                f"{self.workers} workers need the Redis store (store = \"redis\"): the embedded"
+                " SQLite store is for one process",
+            )
+        if self.workers > 1 and 0 in (self.tls_port, self.http_port):
+            raise SettingsError("workers", "workers share fixed ports: set tls_port and http_port (not 0)")
         if self.default_ttl > self.max_ttl:
             raise SettingsError(
                 "default_ttl",
@@ -154,8 +169,8 @@ class Settings:
 
     @property
     def admin_socket(self) -> Path:
-        """The admin endpoint's Unix socket (the console's way in)."""
-        return self.data_dir / "admin.sock"
+        """The admin endpoint's Unix socket (the console's way in); one per named node."""
+        return self.data_dir / (f"admin-{self.node_name}.sock" if self.node_name else "admin.sock")
 
     @property
     def pki_dir(self) -> Path:
@@ -431,6 +446,25 @@ def _non_negative_integer_rule() -> _Rule:
     )
 
 
+def _redis_url_rule() -> _Rule:
+    return _Rule(
+        expected="a redis://, rediss:// or unix:// URL",
+        parse=str,
+        accepts=lambda value: isinstance(value, str) and value.startswith(("redis://", "rediss://", "unix://")),
+    )
+
+
+def _node_name_rule() -> _Rule:
+    return _Rule(
+        expected="up to 64 characters of A-Z a-z 0-9 . _ -",
+        parse=str,
+        accepts=lambda value: isinstance(value, str) and _NODE_NAME.fullmatch(value) is not None,
+    )
+
+
+_NODE_NAME = re.compile(r"[A-Za-z0-9._-]{0,64}")
+
+
 def _user_prefix_rule() -> _Rule:
     return _Rule(
         expected="1 to 16 characters of A-Z a-z 0-9 . _",
@@ -474,6 +508,12 @@ _RULES: Mapping[str, _Rule] = types.MappingProxyType(
         "user_idle_timeout": _positive_seconds_rule(),
         "tick_interval": _positive_seconds_rule(),
         "sqlite_synchronous": _choice_rule(SQLITE_SYNCHRONOUS_MODES),
+        "store": _word_choice_rule(("sqlite", "redis")),
+        "redis_url": _redis_url_rule(),
+        "redis_cluster_nodes": _string_list_rule(),
+        "redis_prefix": _text_rule(),
+        "node_name": _node_name_rule(),
+        "workers": _positive_integer_rule(),
         "token_ttl": _positive_integer_rule(),
         "cert_days": _positive_integer_rule(),
         "log_level": _choice_rule(LOG_LEVELS),

@@ -310,13 +310,13 @@ def render_user(result: dict) -> str:
     if not devices:
         return heading
     table = format_table(
-        ("DEVICE", "REGISTERED", "FIRST AUTHENTICATED", "ONLINE", "PENDING", "OLDEST", "IN FLIGHT", "PUSH"),
+        ("DEVICE", "REGISTERED", "FIRST AUTHENTICATED", "ONLINE ON", "PENDING", "OLDEST", "IN FLIGHT", "PUSH"),
         (
             (
                 d.get("device"),
                 format_time(d.get("registered")),
                 format_time(d.get("first_authenticated")),
-                d.get("online"),
+                d.get("node") or "-" if d.get("online") else "no",
                 d.get("pending"),
                 format_age(d.get("oldest_pending_age_seconds")),
                 d.get("in_flight"),
@@ -337,7 +337,8 @@ def render_device(result: dict, now: float | None = None) -> str:
         ("device", f"{result.get('user')}/{result.get('device')}"),
         ("registered", _ago(result.get("registered"), now)),
         ("first authenticated", _ago(result.get("first_authenticated"), now)),
-        ("online", f"yes, from {result.get('remote')}" if result.get("online") else "no"),
+        ("online", f"yes, on node {result.get('node')}, from {result.get('remote') or 'another node'}"
+         if result.get("online") else "no"),
         ("pending", f"{result.get('pending')}" + (f" (oldest {format_age(oldest)})" if oldest is not None else "")),
         ("in flight", result.get("in_flight")),
         ("push", _push(result.get("push_platform"), result.get("push_token"))),

@@ -18,9 +18,10 @@ import gevent.event
 import pykka
 from gevent.pool import Group
 
-from . import pki
+from . import cluster, pki
 from .actors import DeviceActor, DeviceLimits, RouterActor, StoreActor, UserActor
 from .actors.admin import AdminActor
+from .actors.cluster import ClusterActor
 from .actors.push import PushDispatcherActor
 from .actors.messages import Inspect, Tick
 from .auth import JwtAuthority
@@ -34,7 +35,8 @@ from .registration import Registrar
 from .secrets import JwtKeyFile
 from .telemetry import Telemetry
 from .throttled_log import ThrottledLog
-from .store import SqliteStore, Store
+from .store import Store
+from .store.factory import make_store
 from .transports import HttpTransport, OutboundQueue, TlsTransport
 from .transports.admin import AdminTransport
 
@@ -56,7 +58,7 @@ class Server:
         # Push outcomes per platform, read by the operations endpoints.
         self.push_counters = {platform: PushCounters() for platform in ("apns", "gcm", "fcm")}
         self.telemetry = Telemetry()
-        self.node = f"{socket.gethostname()}:{os.getpid()}"
+        self.node = settings.node_name or f"{socket.gethostname()}:{os.getpid()}"
         self.operations: Operations | None = None
 
     # -- starting -------------------------------------------------------------------
@@ -70,7 +72,7 @@ class Server:
 
     def _start(self) -> None:
         settings = self.settings
-        paths = pki.ensure_pki(settings.data_dir, _server_names(settings.host))
+        paths = pki.ensure_pki(settings.data_dir, server_names(settings.host))
         key_file = JwtKeyFile(settings.data_dir)
         key_file.keys()  # created on first start, and a broken file stops the start
         authority = JwtAuthority(key_file)
@@ -96,9 +98,11 @@ class Server:
             ),
         )
         push_providers = provider_starters(settings, self.push_counters)  # checked before anything starts
-        store = self._store or SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
+        store = self._store or make_store(settings)
         telemetry = self.telemetry
         self.store_ref = store_ref = StoreActor.start(store=store, telemetry=telemetry)
+
+        start_cluster, push_coordination, device_nodes = self._cluster_parts(settings)
 
         def start_push(router: pykka.ActorRef) -> pykka.ActorRef:
             return PushDispatcherActor.start(
@@ -108,6 +112,7 @@ class Server:
                 quiet_period=settings.push_quiet_period,
                 content=settings.push_content,
                 message_limits=limits.message_limits,
+                coordination=push_coordination,
             )
 
         self.router_ref = router_ref = RouterActor.start(
@@ -123,6 +128,7 @@ class Server:
             ),
             user_idle_timeout=settings.user_idle_timeout,
             start_push=start_push if push_providers else None,
+            start_cluster=start_cluster,
         )
         # Both must answer before any connection can reach them.
         store_ref.ask(Inspect())
@@ -155,6 +161,7 @@ class Server:
             read_timeout=settings.read_timeout,
             auth_log=auth_log,
             telemetry=telemetry,
+            reuse_port=settings.workers > 1,
         )
         self.http = HttpTransport(
             host=settings.host,
@@ -170,6 +177,7 @@ class Server:
                 "/metrics": (PROMETHEUS_CONTENT_TYPE, lambda: self.operations.metrics()),
             },
             telemetry=telemetry,
+            reuse_port=settings.workers > 1,
         )
         self.operations = Operations(
             telemetry=telemetry,
@@ -188,6 +196,7 @@ class Server:
                     snapshot=self.operations.snapshot,
                     node=self.node,
                     message_limits=limits.message_limits,
+                    device_nodes=device_nodes,
                 )
             ),
             max_frame_bytes=settings.max_frame_bytes,
@@ -198,6 +207,25 @@ class Server:
         self.http.start()
         self.admin.start()
         log.info("Devastator started (data dir %s)", settings.data_dir.resolve())
+
+    def _cluster_parts(self, settings: Settings):
+        """With the Redis store: how to start the cluster actor, and the cluster's push claims."""
+        if settings.store != "redis":
+            return None, None, None
+        client = cluster.connect(settings.redis_url, settings.redis_cluster_nodes)
+        keys = cluster.ClusterKeys(settings.redis_prefix)
+        presence = cluster.Presence(client, keys, self.node, cluster.LiveNodes(client, keys))
+
+        def start_cluster(router: pykka.ActorRef) -> pykka.ActorRef:
+            return ClusterActor.start(
+                client=client,
+                subscriber_client=cluster.connect(settings.redis_url, settings.redis_cluster_nodes),
+                prefix=settings.redis_prefix,
+                node=self.node,
+                router=router,
+            )
+
+        return start_cluster, cluster.RedisPushCoordination(client, keys, presence), presence.devices_of
 
     def _track(self, connection_actor: pykka.ActorRef) -> pykka.ActorRef:
         """Remember an actor that serves a connection, for the sweep at stop."""
@@ -259,7 +287,7 @@ def _oidc_verifier(settings: Settings) -> OidcVerifier | None:
     )
 
 
-def _server_names(host: str) -> tuple[str, ...]:
+def server_names(host: str) -> tuple[str, ...]:
     """Names the server certificate (made on first start) is valid for."""
     names = ["localhost", "127.0.0.1", "::1", socket.gethostname()]
     if host not in ("", "0.0.0.0", "::"):  # a wildcard bind is no name to connect to

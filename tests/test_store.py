@@ -14,21 +14,27 @@ from devastator.store import (
     UnknownDeviceError,
     UnknownUserError,
 )
+from redis_server import new_redis_store, redis_server  # noqa: F401 (fixtures)
 
 NOW = 1_800_000_000_000  # ms
 TTL = 3600
 
 
-def sqlite_store(tmp_path):
+def sqlite_store(request, tmp_path):
     return SqliteStore(tmp_path / "store.db", synchronous="NORMAL")
 
 
-STORES = {"sqlite": sqlite_store}
+def redis_store(request, tmp_path):
+    # A fresh key prefix on the session's redis-server (skipped without one, failed under CI).
+    return request.getfixturevalue("new_redis_store")()
+
+
+STORES = {"redis": redis_store, "sqlite": sqlite_store}
 
 
 @pytest.fixture(params=sorted(STORES))
 def store(request, tmp_path):
-    store = STORES[request.param](tmp_path)
+    store = STORES[request.param](request, tmp_path)
     store.open()
     yield store
     store.close()

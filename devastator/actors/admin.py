@@ -60,6 +60,7 @@ class AdminActor(pykka.ThreadingActor):
         node: str,
         message_limits: protocol.Limits,
         max_batch: int = 100,
+        device_nodes: Callable[[str], dict[str, str]] | None = None,
     ):
         super().__init__()
         self._connection = connection
@@ -69,6 +70,8 @@ class AdminActor(pykka.ThreadingActor):
         self._node = node
         self._limits = message_limits
         self._max_batch = max_batch
+        # In a cluster: device -> node for a user's connected devices (cluster.Presence.devices_of).
+        self._device_nodes = device_nodes
         self._keys = itertools.count(1)
         self._waiting: dict[int, object] = {}  # request key -> JSON-RPC id, for answers that come later
         self._expiring: dict[int, str] = {}  # request key -> user
@@ -207,15 +210,18 @@ class AdminActor(pykka.ThreadingActor):
         live_ref = self._user_actor(user)
         live = live_ref.ask(Inspect(), timeout=ASK_TIMEOUT) if live_ref is not None else {"devices": {}}
         now_ms = time.time() * 1000
+        nodes = self._device_nodes(user) if self._device_nodes is not None else {}
         devices = []
         for record in stored["devices"]:
             count, oldest = stored["backlog"].get(record.device, (0, None))
             online = live["devices"].get(record.device)
+            node = nodes.get(record.device) or (self._node if online is not None else None)
             devices.append({
                 "device": record.device,
                 "registered": record.created,
                 "first_authenticated": record.attached,
-                "online": online is not None,
+                "online": node is not None,
+                "node": node,
                 "pending": count,
                 "oldest_pending_age_seconds": None if oldest is None else round((now_ms - oldest) / 1000, 3),
                 "in_flight": online["in_flight"] if online else 0,

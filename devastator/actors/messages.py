@@ -295,6 +295,35 @@ class Acked:
     ids: tuple[str, ...]
 
 
+# -- the cluster: router <-> cluster actor, router -> user ----------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePresent:
+    user: str
+    device: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceAbsent:
+    user: str
+    device: str
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """Messages were stored here for these users: tell the nodes where their devices are."""
+
+    users: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Poke:
+    """Messages were stored on another node for these users (None: maybe for anyone): read the store."""
+
+    users: tuple[str, ...] | None
+
+
 # -- operators (admin endpoint) -> router -> user ------------------------------------
 
 

@@ -22,7 +22,6 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import orjson
 import pykka
@@ -46,12 +45,31 @@ log = logging.getLogger(__name__)
 
 # Dead tokens remembered to skip pushes already on their way; a bound, not a cache policy.
 MAX_REJECTED_KEPT = 10_000
+MAX_CLAIMS_KEPT = 100_000
 
 
-@dataclass
-class _Woken:
-    pushed_at: float
-    since_push: int  # messages stored for the device since its last push
+class LocalPushCoordination:
+    """Push claims for a server alone: in memory (a cluster shares them in Redis, see cluster.py)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._claims: dict[tuple[str, str], float] = {}  # (user, device) -> claimed until
+
+    def online(self, user: str, device: str) -> bool:
+        return False  # the router passes on only devices with no connection here
+
+    def claim(self, user: str, device: str, quiet_seconds: float) -> bool:
+        now = self._clock()
+        key = (user, device)
+        if self._claims.get(key, now) > now:
+            return False
+        if len(self._claims) >= MAX_CLAIMS_KEPT:
+            self._claims = {k: until for k, until in self._claims.items() if until > now}
+        self._claims[key] = now + quiet_seconds
+        return True
+
+    def release(self, user: str, device: str) -> None:
+        self._claims.pop((user, device), None)
 
 
 class PushDispatcherActor(pykka.ThreadingActor):
@@ -64,6 +82,7 @@ class PushDispatcherActor(pykka.ThreadingActor):
         quiet_period: float,
         content: bool = False,
         message_limits: protocol.Limits = protocol.Limits(),
+        coordination=None,
         clock: Callable[[], float] = time.monotonic,
     ):
         super().__init__()
@@ -76,8 +95,9 @@ class PushDispatcherActor(pykka.ThreadingActor):
         self._upstream: dict[int, UpstreamMessage] = {}  # waiting for the store to name the sender
         self._quiet_period = quiet_period
         self._content = content
-        self._clock = clock
-        self._woken: dict[tuple[str, str], _Woken] = {}  # (user, device) pushed to while offline
+        # Who may push to an offline device now: LocalPushCoordination, or the cluster's.
+        self._coordination = coordination or LocalPushCoordination(clock)
+        self._since_push: dict[tuple[str, str], int] = {}  # messages stored for a device since its last push
         self._rejected: set[tuple[str, str]] = set()  # (platform, token)
         self.pushes = 0
 
@@ -96,7 +116,8 @@ class PushDispatcherActor(pykka.ThreadingActor):
         if isinstance(message, WakeDevices):
             self._wake(message)
         elif isinstance(message, DeviceReachable):
-            self._woken.pop((message.user, message.device), None)
+            self._since_push.pop((message.user, message.device), None)
+            self._coordination.release(message.user, message.device)
         elif isinstance(message, PushTokenRejected):
             self._on_rejected(message)
         elif isinstance(message, UpstreamMessage):
@@ -110,30 +131,26 @@ class PushDispatcherActor(pykka.ThreadingActor):
                 if result.error is not None:
                     log.debug("an upstream message was refused: %s", result.error.message)
         elif isinstance(message, Inspect):
-            return {"providers": sorted(self._providers), "pushes": self.pushes, "offline_woken": len(self._woken)}
+            return {"providers": sorted(self._providers), "pushes": self.pushes, "waiting": len(self._since_push)}
         return None
 
     def _wake(self, wake: WakeDevices) -> None:
-        now = self._clock()
         for target, newest in wake.targets:
             provider = self._providers.get(target.platform)
             if provider is None or (target.platform, target.token) in self._rejected:
                 continue  # a platform no longer configured, or a token found dead
             key = (target.user, target.device)
-            woken = self._woken.get(key)
-            if woken is None:
-                woken = self._woken[key] = _Woken(pushed_at=-self._quiet_period, since_push=0)
-            woken.since_push += 1
-            if now - woken.pushed_at < self._quiet_period:
-                continue
+            self._since_push[key] = self._since_push.get(key, 0) + 1
+            coordination = self._coordination
+            if coordination.online(*key) or not coordination.claim(*key, self._quiet_period):
+                continue  # connected elsewhere in the cluster, or pushed to lately
             request = PushRequest(
                 user=target.user,
                 device=target.device,
                 token=target.token,
-                pending=woken.since_push,
+                pending=self._since_push.pop(key),
                 preview=newest.message_json if self._content else None,
             )
-            woken.pushed_at, woken.since_push = now, 0
             self.pushes += 1
             provider.tell(request)
 
@@ -143,7 +160,7 @@ class PushDispatcherActor(pykka.ThreadingActor):
         if len(self._rejected) >= MAX_REJECTED_KEPT:
             self._rejected.clear()
         self._rejected.add((rejected.platform, rejected.token))
-        self._woken.pop((rejected.user, rejected.device), None)
+        self._since_push.pop((rejected.user, rejected.device), None)
         self._store.tell(
             RemovePushToken(PushTarget(rejected.user, rejected.device, rejected.platform, rejected.token))
         )

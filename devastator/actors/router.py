@@ -20,13 +20,17 @@ from typing import Callable
 import pykka
 
 from .messages import (
+    Announce,
     Committed,
+    DeviceAbsent,
     DeviceOffline,
     DeviceOnline,
-    DeviceRemoved,
+    DevicePresent,
     DeviceReachable,
+    DeviceRemoved,
     DevicesRemoved,
     Inspect,
+    Poke,
     PollRemovals,
     PurgeExpired,
     Tick,
@@ -61,6 +65,7 @@ class RouterActor(pykka.ThreadingActor):
         purge_interval: float = 10.0,
         removals_interval: float = 1.0,
         start_push: Callable[[pykka.ActorRef], pykka.ActorRef] | None = None,
+        start_cluster: Callable[[pykka.ActorRef], pykka.ActorRef] | None = None,
     ):
         super().__init__()
         self._store = store
@@ -68,6 +73,9 @@ class RouterActor(pykka.ThreadingActor):
         # their router); None when no push provider is configured.
         self._start_push = start_push
         self._push: pykka.ActorRef | None = None
+        # The cluster actor (Redis store only), started by us for the same reason.
+        self._start_cluster = start_cluster
+        self._cluster: pykka.ActorRef | None = None
         self._start_user = start_user
         self._user_idle_timeout = user_idle_timeout
         self._purge_interval = purge_interval
@@ -85,13 +93,16 @@ class RouterActor(pykka.ThreadingActor):
         self._store.tell(PollRemovals(None, self.actor_ref))
         if self._start_push is not None:
             self._push = self._start_push(self.actor_ref)
+        if self._start_cluster is not None:
+            self._cluster = self._start_cluster(self.actor_ref)
 
     def on_stop(self) -> None:
         for live in self._users.values():
             live.ref.stop()
         self._users.clear()
-        if self._push is not None:
-            self._push.stop()
+        for helper in (self._push, self._cluster):
+            if helper is not None:
+                helper.stop()
 
     def on_receive(self, message):
         if isinstance(message, Committed):
@@ -101,6 +112,8 @@ class RouterActor(pykka.ThreadingActor):
             if live is None:
                 live = self._users[message.user] = _LiveUser(self._start_user(message.user))
             live.devices[message.device] += 1
+            if live.devices[message.device] == 1 and self._cluster is not None:
+                self._cluster.tell(DevicePresent(message.user, message.device))
             self._tell_user(message.user, live, message)
             if self._push is not None:
                 self._push.tell(DeviceReachable(message.user, message.device))
@@ -110,6 +123,8 @@ class RouterActor(pykka.ThreadingActor):
                 live.devices[message.device] -= 1
                 if live.devices[message.device] <= 0:
                     del live.devices[message.device]
+                    if self._cluster is not None:
+                        self._cluster.tell(DeviceAbsent(message.user, message.device))
                 live.idle_since = self._now
                 self._tell_user(message.user, live, message)
         elif isinstance(message, Tick):
@@ -126,6 +141,12 @@ class RouterActor(pykka.ThreadingActor):
                 live.watchers = max(0, live.watchers - 1)
                 live.idle_since = self._now
                 self._tell_user(message.user, live, message)
+        elif isinstance(message, Poke):
+            users = self._users if message.users is None else message.users
+            for user in list(users):
+                live = self._users.get(user)
+                if live is not None:
+                    self._tell_user(user, live, Poke(None))
         elif isinstance(message, DevicesRemoved):
             self._on_devices_removed(message)
         elif isinstance(message, Inspect):
@@ -143,6 +164,8 @@ class RouterActor(pykka.ThreadingActor):
                 by_user[stored.recipient].append(stored)
         for user, messages in by_user.items():
             self._tell_user(user, self._users[user], Committed(tuple(messages)))
+        if self._cluster is not None:
+            self._cluster.tell(Announce(tuple({stored.recipient for stored in committed.messages})))
         if committed.push_targets and self._push is not None:
             offline = tuple(
                 (target, message)

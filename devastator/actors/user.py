@@ -36,6 +36,7 @@ from .messages import (
     Kicked,
     LoadPending,
     PendingLoaded,
+    Poke,
     Replaced,
     Revoked,
     Tick,
@@ -133,6 +134,8 @@ class UserActor(pykka.ThreadingActor):
             for slot in self._devices.values():
                 slot.inflight.clear()
                 slot.inflight_bytes = 0
+        elif isinstance(message, Poke):
+            self._on_poke()
         elif isinstance(message, Watch):
             self._watchers.add(message.watcher)
         elif isinstance(message, Unwatch):
@@ -224,6 +227,16 @@ class UserActor(pykka.ThreadingActor):
             fresh = [m for m in committed.messages if m.seq > slot.cursor]
             if not self._send(device, slot, fresh, as_batch=False):
                 slot.caught_up = False  # the rest waits in the store behind the cursor
+
+    def _on_poke(self) -> None:
+        # Stored on another node: what is new waits in the store beyond each cursor.
+        for device, slot in list(self._devices.items()):
+            if slot.loading:
+                slot.stale = True
+                continue
+            slot.caught_up = False
+            if self._has_room(slot):
+                self._load(device, slot)
 
     def _on_acked(self, acked: Acked) -> None:
         slot = self._devices.get(acked.device)

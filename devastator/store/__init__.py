@@ -11,6 +11,7 @@ from .base import (
     UnknownDeviceError,
     UnknownUserError,
 )
+from .redis import RedisStore
 from .sqlite import SqliteStore
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "DeviceRecord",
     "MessageIds",
     "PushTarget",
+    "RedisStore",
     "RemovedDevices",
     "SqliteStore",
     "Store",

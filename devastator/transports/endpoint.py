@@ -8,6 +8,7 @@ shuts.
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Callable
 
 import gevent
@@ -21,6 +22,8 @@ from ..telemetry import Telemetry
 from .outbound import OutboundQueue
 
 log = logging.getLogger(__name__)
+
+LISTEN_BACKLOG = 1024
 
 WRITER_DRAIN_SECONDS = 10.0
 READS_IN_FLIGHT = 4  # reads told to a device actor and not yet picked up
@@ -107,3 +110,25 @@ class Endpoint:
             tell_if_alive(device, ConnectionLost(reason))  # it may have stopped (server stopping)
             outbound.close()
             outbound.wait_closed(timeout=WRITER_DRAIN_SECONDS)
+
+
+def listener(host: str, port: int, *, reuse_port: bool):
+    """The address for a server to bind, or, shared with other processes, a socket bound already.
+
+    With ``reuse_port`` every worker process binds the same port (SO_REUSEPORT)
+    and the kernel spreads new connections among them.
+    """
+    if not reuse_port:
+        return (host, port)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock

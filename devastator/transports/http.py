@@ -22,7 +22,7 @@ from geventwebsocket.websocket import Header, WebSocket
 from ..protocol import ErrorResponse, encode
 from ..protocol.errors import RpcError, TooLarge
 from ..telemetry import Telemetry
-from .endpoint import Endpoint
+from .endpoint import Endpoint, listener
 from .outbound import OutboundQueue
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ class HttpTransport(Endpoint):
         ssl_context: ssl.SSLContext | None = None,
         routes: Mapping[str, Route] | None = None,
         telemetry: Telemetry | None = None,
+        reuse_port: bool = False,
     ):
         super().__init__(new_device=new_device, max_outbound_bytes=max_outbound_bytes, telemetry=telemetry)
         self._max_frame_bytes = max_frame_bytes
@@ -120,7 +121,7 @@ class HttpTransport(Endpoint):
         self._routes.setdefault("/healthz", ("application/json", lambda: b'{"status":"ok"}'))
         kwargs = {"ssl_context": ssl_context} if ssl_context is not None else {}
         self._server = WSGIServer(
-            (host, port),
+            listener(host, port, reuse_port=reuse_port),
             self._app,
             handler_class=_WebSocketHandler,
             spawn=Pool(max_connections),

@@ -19,7 +19,7 @@ from ..pki import client_identity
 from ..protocol import ErrorResponse, FrameDecoder, encode, encode_frames
 from ..protocol.errors import RpcError
 from ..telemetry import Telemetry
-from .endpoint import Endpoint
+from .endpoint import Endpoint, listener
 from .outbound import OutboundQueue
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class TlsTransport(Endpoint):
         auth_log,
         handshake_timeout: float = 10.0,
         telemetry: Telemetry | None = None,
+        reuse_port: bool = False,
     ):
         super().__init__(new_device=new_device, max_outbound_bytes=max_outbound_bytes, telemetry=telemetry)
         self._ssl_context = ssl_context
@@ -52,7 +53,9 @@ class TlsTransport(Endpoint):
         self._read_timeout = read_timeout
         self._handshake_timeout = handshake_timeout
         self._auth_log = auth_log  # a ThrottledLog: refused client certificates
-        self._server = StreamServer((host, port), self._handle, spawn=Pool(max_connections))
+        self._server = StreamServer(
+            listener(host, port, reuse_port=reuse_port), self._handle, spawn=Pool(max_connections)
+        )
 
     def _handle(self, raw: socket.socket, address) -> None:
         remote = f"{address[0]}:{address[1]}"
