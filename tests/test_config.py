@@ -354,3 +354,11 @@ def test_oidc_settings_read_lists_and_optional_files(tmp_path):
 def test_bad_oidc_settings_name_the_setting(name, value):
     with pytest.raises(SettingsError, match=name):
         Settings().replace(**{name: value})
+
+
+def test_several_workers_need_the_redis_store_and_fixed_ports():
+    with pytest.raises(SettingsError, match="workers"):
+        Settings(workers=2)
+    with pytest.raises(SettingsError, match="fixed ports"):
+        Settings(workers=2, store="redis", tls_port=0)
+    assert Settings(workers=2, store="redis").workers == 2
