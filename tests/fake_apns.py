@@ -18,8 +18,6 @@ fixtures check is empty after each test.
 """
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import re
 import ssl
@@ -39,11 +37,13 @@ import h2.settings
 import jwt
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 from gevent.pool import Pool
 from gevent.server import StreamServer
+
+from local_ca import CLIENT_AUTH, LocalCa, pem_key
 
 TOPIC = "com.example.devastator"
 KEY_ID = "KEY1234567"
@@ -80,63 +80,11 @@ class Answered:
     reason: str | None
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey, password: str | None = None) -> bytes:
-    encryption = (serialization.BestAvailableEncryption(password.encode()) if password
-                  else serialization.NoEncryption())
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
-
-
 def write_p8_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """A new EC P-256 signing key in Apple's .p8 form (PKCS#8 PEM)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    path.write_bytes(_pem_key(key))
+    path.write_bytes(pem_key(key))
     return key
-
-
-class _Ca:
-    """A throwaway CA that signs the fake's server certificate and the client certificates."""
-
-    def __init__(self) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name("Fake APNs test CA"))
-            .issuer_name(_name("Fake APNs test CA"))
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=False,
-                encipher_only=False, decipher_only=False,
-            ), critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
-
-    def issue(self, subject: x509.Name, *, usage, names: list[x509.GeneralName] | None = None):
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        )
-        if names:
-            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-        return key, builder.sign(self.key, hashes.SHA256())
 
 
 class FakeApns:
@@ -153,15 +101,9 @@ class FakeApns:
         self.host = "localhost"
         self.port = 0  # known after the first start()
 
-        ca = _Ca()
-        self.ca_file = directory / "ca.pem"
-        self.ca_file.write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
-        server_key, server_cert = ca.issue(
-            _name("localhost"), usage=ExtendedKeyUsageOID.SERVER_AUTH,
-            names=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-        )
-        server_pem = directory / "server.pem"
-        server_pem.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM) + _pem_key(server_key))
+        ca = LocalCa("Fake APNs test CA")
+        self.ca_file = ca.write(directory / "ca.pem")
+        server_files = ca.write_server(directory, "localhost")
 
         self.key_file: Path | None = None
         self.cert_file: Path | None = None
@@ -174,16 +116,16 @@ class FakeApns:
             client_key, client_cert = ca.issue(
                 x509.Name([x509.NameAttribute(NameOID.USER_ID, topic),
                            x509.NameAttribute(NameOID.COMMON_NAME, f"Apple Push Services: {topic}")]),
-                usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+                usage=CLIENT_AUTH, names=(),
             )
             self.cert_file = directory / "client.pem"
             self.cert_password = CERT_PASSWORD
             self.cert_file.write_bytes(client_cert.public_bytes(serialization.Encoding.PEM)
-                                       + _pem_key(client_key, CERT_PASSWORD))
+                                       + pem_key(client_key, CERT_PASSWORD))
 
         self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._tls.minimum_version = ssl.TLSVersion.TLSv1_2
-        self._tls.load_cert_chain(server_pem)
+        self._tls.load_cert_chain(*server_files)
         self._tls.set_alpn_protocols(["h2"])
         if auth == "certificate":
             self._tls.verify_mode = ssl.CERT_REQUIRED

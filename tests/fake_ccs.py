@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime
-import ipaddress
 import itertools
 import json
 import socket
@@ -42,11 +40,9 @@ import gevent.event
 import gevent.lock
 import gevent.pool
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from gevent.server import StreamServer
+
+from local_ca import LOCAL_NAMES, LocalCa
 
 SENDER_ID = "123456789012"
 API_KEY = "fake-ccs-server-key"
@@ -99,7 +95,12 @@ class FakeCcs:
         self._listen_port = port
         self.sender_id = sender_id
         self.api_key = api_key
-        self.ca_file, self._context = _make_tls(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        ca = LocalCa("fake CCS test CA")
+        self.ca_file = ca.write(directory / "ca.pem")
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(*ca.write_server(
+            directory, "fcm-xmpp.googleapis.com", names=("fcm-xmpp.googleapis.com", DOMAIN, *LOCAL_NAMES)))
         self.connections: list[FakeConnection] = []
         self.received: list[Record] = []
         self.delivered: list[Record] = []
@@ -411,53 +412,6 @@ class FakeConnection:
             self.server.changed()
         elif payload.get("message_type") is None:
             self.server._downstream(self, payload, stanza_id)
-
-
-def _make_tls(directory: Path) -> tuple[Path, ssl.SSLContext]:
-    """A CA and a server certificate for the CCS names and 127.0.0.1; the server's TLS context."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake CCS test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-            key_encipherment=False, data_encipherment=False, key_agreement=False,
-            encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fcm-xmpp.googleapis.com")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("fcm-xmpp.googleapis.com"), x509.DNSName(DOMAIN), x509.DNSName("localhost"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        ]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_file = directory / "ca.pem"
-    cert_file = directory / "server.pem"
-    key_file = directory / "server.key"
-    ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(str(cert_file), str(key_file))
-    return ca_file, context
 
 
 @pytest.fixture

@@ -14,8 +14,6 @@ Not a conftest.py: test modules import ``FakeFcm`` and the ``fake_fcm`` and
 from __future__ import annotations
 
 import collections
-import datetime
-import ipaddress
 import json
 import logging
 import re
@@ -33,12 +31,11 @@ import gevent.event
 import jwt
 import orjson
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric import rsa
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
+
+from local_ca import LocalCa, pem_key
 
 # Google's rules, written out here rather than imported from the code under test.
 FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
@@ -76,11 +73,7 @@ def write_service_account(
     """Write a service-account JSON file as Google's console makes it; return its key."""
     if key is None:
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        encoding=serialization.Encoding.PEM,
-        format=serialization.PrivateFormat.PKCS8,
-        encryption_algorithm=serialization.NoEncryption(),
-    ).decode()
+    pem = pem_key(key).decode()
     document = {
         "type": "service_account",
         "project_id": project_id,
@@ -199,7 +192,10 @@ class FakeFcm:
     def start(self) -> None:
         """Listen (again on the same port after ``stop``); the first start makes the files."""
         if self._ssl_context is None:
-            self._ssl_context = _make_tls(self.directory)
+            ca = LocalCa(f"Fake Google CA {secrets.token_hex(4)}")
+            ca.write(self.ca_file)
+            self._ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._ssl_context.load_cert_chain(*ca.write_server(self.directory, "fcm.googleapis.test"))
         self._server = _Server(
             ("127.0.0.1", self.port),
             self._app,
@@ -419,69 +415,6 @@ def _reason(status: int) -> str:
         return HTTPStatus(status).phrase
     except ValueError:
         return "Unknown"
-
-
-def _make_tls(directory: Path) -> ssl.SSLContext:
-    """A CA of the fake's own and a certificate for 127.0.0.1 and localhost; the server's context."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"Fake Google CA {secrets.token_hex(4)}")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fcm.googleapis.test")]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    (directory / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    cert_file = directory / "server.pem"
-    key_file = directory / "server.key"
-    cert_file.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        server_key.private_bytes(
-            encoding=serialization.Encoding.PEM,
-            format=serialization.PrivateFormat.PKCS8,
-            encryption_algorithm=serialization.NoEncryption(),
-        )
-    )
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(str(cert_file), str(key_file))
-    return context
 
 
 @pytest.fixture(scope="session")

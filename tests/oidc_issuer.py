@@ -9,11 +9,9 @@ need no hand-built JWTs. The ``oidc_issuer`` fixture starts one per test.
 from __future__ import annotations
 
 import base64
-import datetime
 import functools
 import hashlib
 import hmac
-import ipaddress
 import json
 import ssl
 import time
@@ -21,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm, get_default_algorithms
+
+from local_ca import LocalCa
 
 AUDIENCE = "test-client-id.apps.googleusercontent.com"
 TOKEN_LIFETIME = 3600
@@ -63,8 +61,10 @@ class OidcIssuer:
     def start(self) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)
         self.rotate()
+        ca = LocalCa("Test OIDC issuer CA")
+        ca.write(self.ca_file)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(*self._write_certificates())
+        context.load_cert_chain(*ca.write_server(self._dir, "127.0.0.1", stem="oidc-server"))
         self._server = WSGIServer(
             ("127.0.0.1", 0), self._app, ssl_context=context, spawn=Pool(64), log=None
         )
@@ -190,61 +190,6 @@ class OidcIssuer:
         start_response("200 OK", headers)
         return [self.jwks_body if self.jwks_body is not None else json.dumps(self.jwks()).encode()]
 
-    def _write_certificates(self) -> tuple[Path, Path]:
-        """A CA (written to ``ca_file``) and a server certificate for 127.0.0.1 and localhost."""
-        now = datetime.datetime.now(datetime.timezone.utc)
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test OIDC issuer CA")])
-        ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-        ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(ca_name)
-            .issuer_name(ca_name)
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_key_usage(cert_sign=True), critical=True)
-            .add_extension(ca_ski, critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        server_key = ec.generate_private_key(ec.SECP256R1())
-        server_cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name)
-            .public_key(server_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_key_usage(cert_sign=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
-        self.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-        cert_file, key_file = self._dir / "oidc-server.pem", self._dir / "oidc-server.key"
-        cert_file.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-        key_file.write_bytes(
-            server_key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        return cert_file, key_file
-
 
 # Generating RSA-2048 keys would be most of an issuer's start-up time, so all
 # issuers of a test session share the same few: the n-th key of each is the same.
@@ -296,20 +241,6 @@ def _apply(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=cert_sign,
-        crl_sign=cert_sign,
-        encipher_only=False,
-        decipher_only=False,
-    )
 
 
 @pytest.fixture
