@@ -273,3 +273,22 @@ def test_expiring_a_user_s_messages_empties_every_device(store):
     assert pending(store, "bob", "phone") == []
     assert len(pending(store, "carol", "phone")) == 1
     assert store.stats() == {"users": 2, "devices": 2, "messages": 1, "pending": 1}
+
+
+def test_several_sends_at_once_keep_their_order_and_their_own_failures(store):
+    registered(store, "bob", "phone")
+    store.add_user("carol", NOW)
+    sends = [
+        ("alice", ["bob"], b'"one"', None, TTL),
+        ("alice", ["bob", "nobody"], b'"lost"', None, TTL),
+        ("alice", ["bob", "carol"], b'"two"', "c-1", TTL),
+        ("alice", ["bob"], b'"three"', None, TTL),
+        ("alice", ["bob"], b'"two again"', "c-1", TTL),
+    ]
+    with store.batch():
+        results = store.append_many(sends, NOW)
+    assert isinstance(results[1], UnknownUserError) and results[1].args[0] == ["nobody"]
+    assert results[4].duplicate and results[4].id == results[2].id
+    assert [m.message_json for m in pending(store, "bob", "phone")] == [b'"one"', b'"two"', b'"three"']
+    seqs = [results[i].messages[0].seq for i in (0, 2, 3)]
+    assert seqs == sorted(seqs)

@@ -118,7 +118,7 @@ class StoreActor(pykka.ThreadingActor):
         started = time.perf_counter()
         try:
             with self._store.batch():
-                outcomes = [self._apply(request, now_ms) for request in requests]
+                outcomes = self._apply_all(requests, now_ms)
         except Exception:
             log.exception("store commit of %d requests failed; each is answered with an internal error",
                           len(requests))
@@ -148,27 +148,45 @@ class StoreActor(pykka.ThreadingActor):
         if self._checkpointing is not None:
             self._checkpointing.wait(timeout=30)
 
-    def _apply(self, request, now_ms: int):
-        store = self._store
-        if isinstance(request, Append):
-            try:
-                accepted = store.append(
-                    request.sender, request.recipients, request.message_json,
-                    request.cid, request.ttl, now_ms,
-                )
-            except UnknownUserError as unknown:
-                return SendResult(
-                    request.request_key,
-                    error=UnknownRecipient(data={"unknown": list(unknown.args[0])}),
-                ), (), ()
-            result = SendResult(request.request_key, id=accepted.id, ts=accepted.ts)
+    def _apply_all(self, requests: list, now_ms: int) -> list:
+        """The outcome of each request, in order; consecutive sends go to the store together."""
+        outcomes: list = []
+        sends: list[Append] = []
+        for request in requests:
+            if isinstance(request, Append):
+                sends.append(request)
+                continue
+            if sends:
+                outcomes.extend(self._append_all(sends, now_ms))
+                sends = []
+            outcomes.append(self._apply(request, now_ms))
+        if sends:
+            outcomes.extend(self._append_all(sends, now_ms))
+        return outcomes
+
+    def _append_all(self, sends: list[Append], now_ms: int) -> list:
+        """(SendResult, stored messages, push targets) for each send."""
+        accepted_all = self._store.append_many(
+            [(send.sender, send.recipients, send.message_json, send.cid, send.ttl) for send in sends], now_ms
+        )
+        outcomes = []
+        for send, accepted in zip(sends, accepted_all, strict=True):
+            if isinstance(accepted, UnknownUserError):
+                error = UnknownRecipient(data={"unknown": list(accepted.args[0])})
+                outcomes.append((SendResult(send.request_key, error=error), (), ()))
+                continue
+            result = SendResult(send.request_key, id=accepted.id, ts=accepted.ts)
             if accepted.messages:
                 self._telemetry.messages_accepted += 1
-            if not accepted.push_targets:
-                return result, accepted.messages, ()
-            by_recipient = {message.recipient: message for message in accepted.messages}
-            wake = tuple((target, by_recipient[target.user]) for target in accepted.push_targets)
-            return result, accepted.messages, wake
+            wake = ()
+            if accepted.push_targets:
+                by_recipient = {message.recipient: message for message in accepted.messages}
+                wake = tuple((target, by_recipient[target.user]) for target in accepted.push_targets)
+            outcomes.append((result, accepted.messages, wake))
+        return outcomes
+
+    def _apply(self, request, now_ms: int):
+        store = self._store
         if isinstance(request, Ack):
             store.ack(request.user, request.device, request.seqs)
             return None

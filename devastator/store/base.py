@@ -102,6 +102,13 @@ class Store(Protocol):
     ) -> Accepted:
         """Store a message for every recipient; raises UnknownUserError."""
 
+    def append_many(self, sends: Sequence[tuple], now_ms: int) -> list[Accepted | UnknownUserError]:
+        """``append`` for each (sender, recipients, message_json, cid, ttl_seconds), in order.
+
+        A send with an unknown recipient gets its UnknownUserError in its place
+        in the results; the others are stored. A store may send them together.
+        """
+
     def attach_device(self, user: str, device: str, registration: str, now_ms: int) -> Attachment:
         """A device authenticates: its first time, it gets the user's stored messages.
 

@@ -569,48 +569,107 @@ class RedisStore:
             id=message_id, ts=ts, expires=expires, messages=tuple(stored), push_targets=tuple(push_targets)
         )
 
+    def append_many(self, sends: Sequence[tuple], now_ms: int) -> list[Accepted | UnknownUserError]:
+        """Store several sends in order; each (sender, recipients, message_json, cid, ttl_seconds).
+
+        Sends without a ``cid`` to recipients known to exist (the common case)
+        go together in one pipeline: one round trip, so one fsync in Redis, for
+        all of them. The others are stored one by one, in their place in the
+        order. An unknown recipient fails its own send, in its place.
+        """
+        results: list = [None] * len(sends)
+        together: list[tuple[int, tuple]] = []
+
+        def store_together() -> None:
+            entries = [
+                (sender, recipients, self._ids.new(now_ms), now_ms, now_ms + ttl * 1000, body, False)
+                for _, (sender, recipients, body, _cid, ttl) in together
+            ]
+            for (index, _), entry, (stored, push_targets, waiting) in zip(
+                together, entries, self._store_messages(entries)
+            ):
+                self._count(messages=len(stored), pending=waiting)
+                results[index] = Accepted(
+                    id=entry[2], ts=entry[3], expires=entry[4], messages=tuple(stored),
+                    push_targets=tuple(push_targets),
+                )
+            together.clear()
+
+        known = self._known_users
+        for index, send in enumerate(sends):
+            sender, recipients, body, cid, ttl = send
+            if cid is None and all(recipient in known for recipient in recipients):
+                together.append((index, send))
+                continue
+            if together:
+                store_together()
+            try:
+                results[index] = self.append(sender, recipients, body, cid, ttl, now_ms)
+            except UnknownUserError as unknown:
+                results[index] = unknown
+        if together:
+            store_together()
+        return results
+
     def _store_message(self, sender, recipients, message_id, ts, expires, message_json, *, once: bool):
         """One script per recipient, all in one round trip; (stored, push targets, deliveries)."""
-        if not recipients:
-            return [], [], 0
-        record = _pack(message_id, sender, ts, expires, message_json)
+        return self._store_messages([(sender, recipients, message_id, ts, expires, message_json, once)])[0]
+
+    def _store_messages(self, entries: Sequence[tuple]) -> list[tuple[list, list, int]]:
+        """Several messages, one script per recipient, all in one round trip.
+
+        Each entry is (sender, recipients, message id, ts, expires, body, once);
+        each result (stored, push targets, deliveries waiting).
+        """
         script = self._scripts["append"]
-        check = message_id if once else ""
-        expiring = {user: expires for user in recipients}
+        expiring: dict[str, int] = {}
+        for _, recipients, _, _, expires, _, _ in entries:
+            for user in recipients:
+                expiring[user] = min(expires, expiring.get(user, expires))
+        if not expiring:
+            return [([], [], 0) for _ in entries]
         ops = _Ops(self)
         # The expiry index is lowered before (so a crash half-way leaves no message
         # unindexed) and after (so a purge running meanwhile cannot drop the entry).
         ops.call(lambda pipe: pipe.zadd(self._expiring_key, expiring, lt=True))
-        for recipient in recipients:
-            ops.script(script, self._user_keys(recipient), (record, expires, check))
+        for sender, recipients, message_id, ts, expires, message_json, once in entries:
+            record = _pack(message_id, sender, ts, expires, message_json)
+            check = message_id if once else ""
+            for recipient in recipients:
+                ops.script(script, self._user_keys(recipient), (record, expires, check))
         ops.call(lambda pipe: pipe.zadd(self._expiring_key, expiring, lt=True))
-        results = ops.run(raise_on_error=False)[1:-1]
-        stored, push_targets, waiting = [], [], 0
+        results = iter(ops.run(raise_on_error=False)[1:-1])
+        outcomes = []
         failure = None
-        for recipient, result in zip(recipients, results):
-            if isinstance(result, Exception):
-                failure = failure or result
-                continue
-            if result[0] == -1:
-                # Only if the user's keys vanished under a running store (FLUSHDB).
-                self._known_users.discard(recipient)
-                log.warning("recipient %r disappeared while a message was stored for it", recipient)
-                continue
-            if result[0] == 0:
-                continue
-            seq, devices = int(result[0]), int(result[1])
-            waiting += devices
-            stored.append(StoredMessage(seq, message_id, sender, recipient, message_json, ts, expires))
-            rest = result[2:]
-            push_targets.extend(
-                PushTarget(recipient, _text(rest[i]), _text(rest[i + 1]), _text(rest[i + 2]))
-                for i in range(0, len(rest), 3)
-            )
+        for sender, recipients, message_id, ts, expires, message_json, _ in entries:
+            stored, push_targets, waiting = [], [], 0
+            for recipient in recipients:
+                result = next(results)
+                if isinstance(result, Exception):
+                    failure = failure or result
+                    continue
+                if result[0] == -1:
+                    # Only if the user's keys vanished under a running store (FLUSHDB).
+                    self._known_users.discard(recipient)
+                    log.warning("recipient %r disappeared while a message was stored for it", recipient)
+                    continue
+                if result[0] == 0:
+                    continue
+                seq, devices = int(result[0]), int(result[1])
+                waiting += devices
+                stored.append(StoredMessage(seq, message_id, sender, recipient, message_json, ts, expires))
+                rest = result[2:]
+                push_targets.extend(
+                    PushTarget(recipient, _text(rest[i]), _text(rest[i + 1]), _text(rest[i + 2]))
+                    for i in range(0, len(rest), 3)
+                )
+            outcomes.append((stored, push_targets, waiting))
         if failure is not None:
             # Counted all the same: those recipients have it, and a retry with the cid will not add it again.
-            self._count(messages=len(stored), pending=waiting)
+            for stored, _, waiting in outcomes:
+                self._count(messages=len(stored), pending=waiting)
             raise failure
-        return stored, push_targets, waiting
+        return outcomes
 
     def attach_device(self, user: str, device: str, registration: str, now_ms: int) -> Attachment:
         result = self._user_script("attach", user, device, registration, now_ms)

@@ -219,6 +219,15 @@ class SqliteStore:
             id=message_id, ts=now_ms, expires=expires, messages=tuple(stored), push_targets=tuple(push_targets)
         )
 
+    def append_many(self, sends: Sequence[tuple], now_ms: int) -> list[Accepted | UnknownUserError]:
+        results: list[Accepted | UnknownUserError] = []
+        for sender, recipients, message_json, cid, ttl_seconds in sends:
+            try:
+                results.append(self.append(sender, recipients, message_json, cid, ttl_seconds, now_ms))
+            except UnknownUserError as unknown:
+                results.append(unknown)
+        return results
+
     def attach_device(self, user: str, device: str, registration: str, now_ms: int) -> Attachment:
         db = self._conn
         with self.batch():
