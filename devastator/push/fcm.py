@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from gevent.pool import Group
 
 from ..actors.messages import Inspect, tell_if_alive
+from ..throttled_log import ThrottledLog
 from .base import PushCounters, PushRequest, PushTokenRejected
 
 log = logging.getLogger(__name__)
@@ -383,6 +384,7 @@ class FcmProviderActor(pykka.ThreadingActor):
         clock: Callable[[], float] = time.monotonic,
     ):
         super().__init__()
+        self._refusals = ThrottledLog(log)
         self._config = config
         self._token_sink = token_sink
         self._counters = counters
@@ -528,7 +530,9 @@ class FcmProviderActor(pykka.ThreadingActor):
             )
             return
         self._counters.failed += 1
-        log.warning("FCM refused a push to %s/%s: %s", request.user, request.device, error.describe(reply.status))
+        described = error.describe(reply.status)
+        # Once per cause a minute: a misconfigured project fails every push alike.
+        self._refusals.warning(described, "FCM refused a push to %s/%s: %s", request.user, request.device, described)
 
     def _token_failed(self, job: _Job, unavailable: _TokenUnavailable) -> None:
         if unavailable.retry:
