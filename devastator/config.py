@@ -454,26 +454,13 @@ def _redis_url_rule() -> _Rule:
     )
 
 
-def _node_name_rule() -> _Rule:
+def _pattern_rule(expected: str, pattern: str) -> _Rule:
+    compiled = re.compile(pattern)
     return _Rule(
-        expected="up to 64 characters of A-Z a-z 0-9 . _ -",
+        expected=expected,
         parse=str,
-        accepts=lambda value: isinstance(value, str) and _NODE_NAME.fullmatch(value) is not None,
+        accepts=lambda value: isinstance(value, str) and compiled.fullmatch(value) is not None,
     )
-
-
-_NODE_NAME = re.compile(r"[A-Za-z0-9._-]{0,64}")
-
-
-def _user_prefix_rule() -> _Rule:
-    return _Rule(
-        expected="1 to 16 characters of A-Z a-z 0-9 . _",
-        parse=str,
-        accepts=lambda value: isinstance(value, str) and _USER_PREFIX.fullmatch(value) is not None,
-    )
-
-
-_USER_PREFIX = re.compile(r"[A-Za-z0-9._]{1,16}")
 
 
 def _directory_rule() -> _Rule:
@@ -512,7 +499,7 @@ _RULES: Mapping[str, _Rule] = types.MappingProxyType(
         "redis_url": _redis_url_rule(),
         "redis_cluster_nodes": _string_list_rule(),
         "redis_prefix": _text_rule(),
-        "node_name": _node_name_rule(),
+        "node_name": _pattern_rule("up to 64 characters of A-Z a-z 0-9 . _ -", r"[A-Za-z0-9._-]{0,64}"),
         "workers": _positive_integer_rule(),
         "token_ttl": _positive_integer_rule(),
         "cert_days": _positive_integer_rule(),
@@ -522,7 +509,7 @@ _RULES: Mapping[str, _Rule] = types.MappingProxyType(
         "oidc_audiences": _string_list_rule(),
         "oidc_jwks_url": _url_rule(),
         "oidc_ca_file": _optional_file_rule(),
-        "oidc_user_prefix": _user_prefix_rule(),
+        "oidc_user_prefix": _pattern_rule("1 to 16 characters of A-Z a-z 0-9 . _", r"[A-Za-z0-9._]{1,16}"),
         "oidc_clock_skew": _non_negative_seconds_rule(),
         "oidc_refresh_interval": _non_negative_seconds_rule(),
         "push_quiet_period": _non_negative_seconds_rule(),
