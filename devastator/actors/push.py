@@ -174,10 +174,7 @@ class PushDispatcherActor(pykka.ThreadingActor):
             return
         message = upstream.data.get("message")
         if isinstance(message, str):
-            try:
-                message = orjson.loads(message)
-            except orjson.JSONDecodeError:
-                pass  # plain text is a JSON string message
+            message = _json_or_text(message)
         params = {"to": upstream.data.get("to"), "message": message,
                   "cid": f"{upstream.platform}:{upstream.message_id}"[: self._message_limits.max_cid_length]}
         try:
@@ -189,3 +186,11 @@ class PushDispatcherActor(pykka.ThreadingActor):
             Append(found.user, send.to, send.message_json, send.cid, send.ttl, next(self._keys), self.actor_ref,
                    self._router)
         )
+
+
+def _json_or_text(text: str):
+    """The JSON value ``text`` holds; plain text stays a string message."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
