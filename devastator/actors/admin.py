@@ -121,21 +121,21 @@ class AdminActor(pykka.ThreadingActor):
         if isinstance(incoming, Batch):
             self._write(ErrorResponse.from_error(InvalidRequest("the admin endpoint takes no batches")))
             return
-        for item in (incoming,):
-            if isinstance(item, Invalid):
-                self._write(ErrorResponse.from_error(item.error, id=item.id))
-            elif isinstance(item, (Request, Notification)):
-                request_id = item.id if isinstance(item, Request) else None
-                try:
-                    result = self._call(item.method, item.params or {}, request_id)
-                except RpcError as error:
-                    self._answer(request_id, error=error)
-                except Exception:
-                    log.exception("admin %s failed", item.method)
-                    self._answer(request_id, error=InternalError())
-                else:
-                    if result is not _LATER:
-                        self._answer(request_id, result)
+        if isinstance(incoming, Invalid):
+            self._write(ErrorResponse.from_error(incoming.error, id=incoming.id))
+        elif isinstance(incoming, (Request, Notification)):
+            request_id = incoming.id if isinstance(incoming, Request) else None
+            try:
+                result = self._call(incoming.method, incoming.params or {}, request_id)
+            except RpcError as error:
+                self._answer(request_id, error=error)
+            except Exception:
+                log.exception("admin %s failed", incoming.method)
+                self._answer(request_id, error=InternalError())
+            else:
+                if result is not _LATER:
+                    self._answer(request_id, result)
+        # A response from the console answers nothing we asked: ignored.
 
     def _answer(self, request_id, result=None, *, error: RpcError | None = None) -> None:
         if request_id is None:
