@@ -278,3 +278,23 @@ def test_metrics_parse_and_count_errors_and_requests(running):
     assert families["devastator_store_commit_seconds"].type == "histogram"
     assert "devastator_push_sent" in families
     assert all(name.startswith(("devastator_", "process_")) for name in families)
+
+
+def test_bad_input_on_the_admin_socket_gets_errors_and_the_server_goes_on(running, admin):
+    admin.sock.sendall(encode_frame(b'[{"jsonrpc": "2.0", "method": "ping", "id": 1}]'))
+    assert admin._next()["error"]["code"] == -32600  # no batches here
+    admin.sock.sendall(encode_frame(b'{"jsonrpc": "2.0", "method": "user", "params": [1], "id": 2}'))
+    assert admin._next()["error"]["code"] == -32602
+    assert admin.result("ping") == "pong"
+    admin.sock.sendall(encode_frame(b"{not json"))
+    assert admin._next()["error"]["code"] == -32700
+    with pytest.raises((ConnectionError, OSError)):
+        admin.call("ping")  # a parse error closes the connection
+    again = AdminClient(running.settings.admin_socket)
+    try:
+        assert again.result("ping") == "pong"
+        again.sock.sendall(b"\xff\xff\xff\x7f")  # a header announcing 2 GiB
+        assert again._next()["error"]["code"] == -32004
+    finally:
+        again.close()
+    assert running.connect("alice").ping() == "pong"
