@@ -108,9 +108,7 @@ class RouterActor(pykka.ThreadingActor):
         if isinstance(message, Committed):
             self._route_committed(message)
         elif isinstance(message, DeviceOnline):
-            live = self._users.get(message.user)
-            if live is None:
-                live = self._users[message.user] = _LiveUser(self._start_user(message.user))
+            live = self._live(message.user)
             live.devices[message.device] += 1
             if live.devices[message.device] == 1 and self._cluster is not None:
                 self._cluster.tell(DevicePresent(message.user, message.device))
@@ -130,9 +128,7 @@ class RouterActor(pykka.ThreadingActor):
         elif isinstance(message, Tick):
             self._tick(message)
         elif isinstance(message, Watch):
-            live = self._users.get(message.user)
-            if live is None:
-                live = self._users[message.user] = _LiveUser(self._start_user(message.user))
+            live = self._live(message.user)
             live.watchers += 1
             self._tell_user(message.user, live, message)
         elif isinstance(message, Unwatch):
@@ -202,6 +198,13 @@ class RouterActor(pykka.ThreadingActor):
             if live is not None:
                 log.debug("device %s/%s was removed: closing its connection", user, device)
                 self._tell_user(user, live, DeviceRemoved(device))
+
+    def _live(self, user: str) -> _LiveUser:
+        """The user's live actor, started if there is none."""
+        live = self._users.get(user)
+        if live is None:
+            live = self._users[user] = _LiveUser(self._start_user(user))
+        return live
 
     def _tell_user(self, user: str, live: _LiveUser, message) -> None:
         if not tell_if_alive(live.ref, message) and self._users.get(user) is live:

@@ -119,9 +119,7 @@ class UserActor(pykka.ThreadingActor):
                 del self._devices[message.device]
                 self._watch("offline", message.device)
         elif isinstance(message, DeviceRemoved):
-            slot = self._devices.pop(message.device, None)
-            if slot is not None:
-                tell_if_alive(slot.ref, Revoked())
+            self._close(message.device, Revoked())
         elif isinstance(message, Tick):
             self._on_tick(message)
         elif isinstance(message, Inspect):
@@ -145,9 +143,15 @@ class UserActor(pykka.ThreadingActor):
     def _kick(self, device: str | None) -> int:
         kicked = [name for name in self._devices if device is None or name == device]
         for name in kicked:
-            tell_if_alive(self._devices.pop(name).ref, Kicked())
-            self._watch("offline", name)
+            self._close(name, Kicked())
         return len(kicked)
+
+    def _close(self, device: str, why) -> None:
+        """Forget the device's connection and tell it to close (``Revoked``, ``Kicked``)."""
+        slot = self._devices.pop(device, None)
+        if slot is not None:
+            tell_if_alive(slot.ref, why)
+            self._watch("offline", device)
 
     def _watch(self, event: str, device: str | None = None, ids: tuple[str, ...] = ()) -> None:
         if not self._watchers:
