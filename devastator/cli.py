@@ -167,9 +167,8 @@ def _supervise(settings: Settings) -> int:
     import gevent
     import gevent.event
 
-    from .pki import ensure_pki
+    from .pki import ensure_pki, server_names
     from .secrets import ensure_jwt_keys
-    from .server import server_names
 
     log = logging.getLogger("devastator")
     # Made once here, so that workers starting together do not race to make them.
@@ -261,7 +260,8 @@ def _cert(settings: Settings, args) -> int:
     if days <= 0:
         print("devastator: --days must be positive", file=sys.stderr)
         return 2
-    paths = pki.ensure_pki(settings.data_dir)
+    # The names the server would give its certificate, were this its first start.
+    paths = pki.ensure_pki(settings.data_dir, pki.server_names(settings.host))
     identity = _register_device(settings, args.user, args.device)
     key_pem, csr_pem = pki.new_client_key_and_csr()
     ca = pki.CertificateAuthority.load(paths)

@@ -17,6 +17,7 @@ import ipaddress
 import os
 import re
 import secrets
+import socket
 import ssl
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -71,6 +72,14 @@ class PkiPaths:
             server_cert=data_dir / "server.pem",
             server_key=data_dir / "server.key",
         )
+
+
+def server_names(host: str) -> tuple[str, ...]:
+    """Names the server certificate (made on first start) is valid for, binding ``host``."""
+    names = ["localhost", "127.0.0.1", "::1", socket.gethostname()]
+    if host not in ("", "0.0.0.0", "::"):  # a wildcard bind is no name to connect to
+        names.append(host)
+    return tuple(dict.fromkeys(names))
 
 
 def ensure_pki(

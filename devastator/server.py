@@ -72,7 +72,7 @@ class Server:
 
     def _start(self) -> None:
         settings = self.settings
-        paths = pki.ensure_pki(settings.data_dir, server_names(settings.host))
+        paths = pki.ensure_pki(settings.data_dir, pki.server_names(settings.host))
         key_file = JwtKeyFile(settings.data_dir)
         key_file.keys()  # created on first start, and a broken file stops the start
         authority = JwtAuthority(key_file)
@@ -285,11 +285,3 @@ def _oidc_verifier(settings: Settings) -> OidcVerifier | None:
         clock_skew=settings.oidc_clock_skew,
         min_refresh_interval=settings.oidc_refresh_interval,
     )
-
-
-def server_names(host: str) -> tuple[str, ...]:
-    """Names the server certificate (made on first start) is valid for."""
-    names = ["localhost", "127.0.0.1", "::1", socket.gethostname()]
-    if host not in ("", "0.0.0.0", "::"):  # a wildcard bind is no name to connect to
-        names.append(host)
-    return tuple(dict.fromkeys(names))
