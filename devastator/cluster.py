@@ -12,23 +12,13 @@ pushes to an offline device however many nodes accept messages for it.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
-import redis
+from .store.redis import connect, user_key
 
 NODE_TTL_MS = 5000
 HEARTBEAT_SECONDS = 1.0
 ALIVE_CACHE_SECONDS = 1.0
-
-
-def connect(url: str, cluster_nodes: Sequence[str] | None = None):
-    """A Redis client: one server by URL, or a Redis Cluster by its nodes."""
-    if cluster_nodes:
-        from redis.cluster import ClusterNode, RedisCluster
-
-        nodes = [ClusterNode(*node.rsplit(":", 1)) for node in cluster_nodes]
-        return RedisCluster(startup_nodes=nodes, decode_responses=False)
-    return redis.Redis.from_url(url, decode_responses=False)
 
 
 class ClusterKeys:
@@ -42,10 +32,10 @@ class ClusterKeys:
         return f"{self.prefix}node:{node}:inbox"
 
     def presence(self, user: str) -> str:
-        return f"{self.prefix}{{u:{user}}}:presence"
+        return user_key(self.prefix, user, "presence")
 
     def push_claim(self, user: str, device: str) -> str:
-        return f"{self.prefix}{{u:{user}}}:push:{device}"
+        return user_key(self.prefix, user, f"push:{device}")
 
 
 class LiveNodes:

@@ -37,6 +37,7 @@ from .telemetry import Telemetry
 from .throttled_log import ThrottledLog
 from .store import Store
 from .store.factory import make_store
+from .store.redis import connect as connect_redis
 from .transports import HttpTransport, OutboundQueue, TlsTransport
 from .transports.admin import AdminTransport
 
@@ -212,14 +213,14 @@ class Server:
         """With the Redis store: how to start the cluster actor, and the cluster's push claims."""
         if settings.store != "redis":
             return None, None, None
-        client = cluster.connect(settings.redis_url, settings.redis_cluster_nodes)
+        client = connect_redis(settings.redis_url, settings.redis_cluster_nodes)
         keys = cluster.ClusterKeys(settings.redis_prefix)
         presence = cluster.Presence(client, keys, self.node, cluster.LiveNodes(client, keys))
 
         def start_cluster(router: pykka.ActorRef) -> pykka.ActorRef:
             return ClusterActor.start(
                 client=client,
-                subscriber_client=cluster.connect(settings.redis_url, settings.redis_cluster_nodes),
+                subscriber_client=connect_redis(settings.redis_url, settings.redis_cluster_nodes),
                 prefix=settings.redis_prefix,
                 node=self.node,
                 router=router,

@@ -432,6 +432,23 @@ def _text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
+# The keys every per-user script is given, in this order.
+_USER_KEY_NAMES = ("user", "devices", "msgs", "expiry", "pending", "refs", "ids")
+
+
+def user_key(prefix: str, user: str, name: str) -> str:
+    """A key of the user's: under the user's hash tag, so that Redis Cluster keeps it beside the rest."""
+    return f"{prefix}{{u:{user}}}:{name}"
+
+
+def connect(url: str, cluster_nodes: Sequence[str] | None = None, **options):
+    """A Redis client: one server by URL, or a Redis Cluster by its "host:port" nodes."""
+    if cluster_nodes:
+        nodes = [ClusterNode(host, int(port)) for host, port in (node.rsplit(":", 1) for node in cluster_nodes)]
+        return RedisCluster(startup_nodes=nodes, **options)
+    return redis.Redis.from_url(url, **options)
+
+
 class RedisStore:
     """The Store interface on Redis; ``cluster_nodes`` ("host:port", ...) for Redis Cluster."""
 
@@ -472,11 +489,7 @@ class RedisStore:
             socket_connect_timeout=self._connect_timeout,
             retry=Retry(NoBackoff(), 0),
         )
-        if self.cluster_nodes:
-            nodes = [ClusterNode(host, int(port)) for host, port in (n.rsplit(":", 1) for n in self.cluster_nodes)]
-            client = RedisCluster(startup_nodes=nodes, **options)
-        else:
-            client = redis.Redis.from_url(self.url, **options)
+        client = connect(self.url, self.cluster_nodes, **options)
         try:
             client.ping()
             scripts = {}
@@ -879,11 +892,10 @@ class RedisStore:
     # -- helpers -------------------------------------------------------------
 
     def _user_key(self, user: str, name: str) -> str:
-        return f"{self.prefix}{{u:{user}}}:{name}"
+        return user_key(self.prefix, user, name)
 
     def _user_keys(self, user: str) -> list[str]:
-        tagged = f"{self.prefix}{{u:{user}}}:"
-        return [tagged + name for name in ("user", "devices", "msgs", "expiry", "pending", "refs", "ids")]
+        return [user_key(self.prefix, user, name) for name in _USER_KEY_NAMES]
 
     def _push_key(self, platform: str, token: str) -> str:
         return f"{self.prefix}push:{platform}:{token}"
