@@ -201,9 +201,11 @@ class AdminActor(pykka.ThreadingActor):
 
     def _user(self, params, request_id):
         user = _required(params, "user")
-        return {"user": user, **self._user_view(user)}
+        view, _ = self._user_view(user)
+        return {"user": user, **view}
 
-    def _user_view(self, user: str) -> dict:
+    def _user_view(self, user: str) -> tuple[dict, pykka.ActorRef | None]:
+        """What the store and the live user actor say of the user's devices, and that actor."""
         stored = self._store.ask(Inspect(("user", user)), timeout=ASK_TIMEOUT)
         if not stored["exists"]:
             raise InvalidParams(f"no user {user!r}")
@@ -228,16 +230,15 @@ class AdminActor(pykka.ThreadingActor):
                 "push_platform": record.push_platform,
                 "push_token": record.push_token,
             })
-        return {"live": live_ref is not None, "devices": devices}
+        return {"live": live_ref is not None, "devices": devices}, live_ref
 
     def _device(self, params, request_id):
         user, device = _required(params, "user"), _required(params, "device")
-        view = self._user_view(user)
+        view, live_ref = self._user_view(user)
         entry = next((d for d in view["devices"] if d["device"] == device), None)
         if entry is None:
             raise InvalidParams(f"user {user!r} has no device {device!r}")
         remote = None
-        live_ref = self._user_actor(user)
         if live_ref is not None and entry["online"]:
             device_ref = live_ref.ask(Inspect("refs"), timeout=ASK_TIMEOUT).get(device)
             if device_ref is not None:
