@@ -9,7 +9,8 @@ setup(
     install_requires=[
         "pykka",
         "gevent",
-        "gevent-websocket",
+        "h11",
+        "wsproto",
         "orjson",
         "PyJWT",
         "cryptography",

@@ -21,7 +21,7 @@ import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import orjson
 
@@ -43,6 +43,9 @@ from .protocol.errors import RpcError
 SEEN_IDS_KEPT = 100_000
 RECONNECT_FIRST_DELAY = 0.1  # seconds; doubled after each failed attempt
 RECONNECT_MAX_DELAY = 5.0
+# Close codes after which connecting again cannot help (PROTOCOL.md 7): replaced,
+# revoked, and the client's own protocol errors.
+NO_RECONNECT_CODES = frozenset({1002, 1003, 1007, 1008, 4001, 4002})
 
 
 class ConnectionClosed(ConnectionError):
@@ -78,10 +81,18 @@ class _TlsStream:
         self._sock.close()
 
 
+class CloseReason(NamedTuple):
+    """Why the server closed: its ``conn.close`` notification, or its WebSocket close code."""
+
+    code: int
+    reason: str
+
+
 class _WebSocketStream:
     def __init__(self, ws):
         self._ws = ws
         self._write_lock = threading.Lock()
+        self.close_reason: CloseReason | None = None
 
     def write(self, bodies: list[bytes]) -> None:
         with self._write_lock:
@@ -97,6 +108,8 @@ class _WebSocketStream:
             except (websocket.WebSocketConnectionClosedException, OSError):
                 return
             if opcode == websocket.ABNF.OPCODE_CLOSE:
+                if len(data) >= 2:
+                    self.close_reason = CloseReason(int.from_bytes(data[:2], "big"), data[2:].decode(errors="replace"))
                 return
             if opcode == websocket.ABNF.OPCODE_TEXT:
                 yield data.decode()
@@ -144,6 +157,8 @@ class Client:
         self.dedupe = dedupe
         self.auto_reconnect = auto_reconnect
         self.reconnect_error: RpcError | None = None  # why automatic reconnection gave up
+        # Why the server last closed the connection, if it said (conn.close or a WebSocket close code).
+        self.close_reason: CloseReason | None = None
         self._stopping = False
         self._reconnecting = False
         self.timeout = timeout
@@ -204,6 +219,7 @@ class Client:
 
     def _open(self) -> None:
         self._stream = self._connect()
+        self.close_reason = None
         self.closed.clear()
         self._reader = threading.Thread(target=self._read, args=(self._stream,), daemon=True)
         self._reader.start()
@@ -335,9 +351,12 @@ class Client:
                 pending, self._pending = self._pending, {}
             for waiting in pending.values():
                 waiting._set(error=ConnectionClosed("connection closed before the answer"))
+            if self.close_reason is None:
+                self.close_reason = getattr(stream, "close_reason", None)
             self.closed.set()
+            hopeless = self.close_reason is not None and self.close_reason.code in NO_RECONNECT_CODES
             with self._lock:
-                start = self.auto_reconnect and not self._stopping and not self._reconnecting
+                start = self.auto_reconnect and not self._stopping and not self._reconnecting and not hopeless
                 self._reconnecting = self._reconnecting or start
             if start:
                 threading.Thread(target=self._reconnect_in_background, daemon=True).start()
@@ -373,6 +392,9 @@ class Client:
                     self._seen.popitem(last=False)
                 self.messages.put(item.params)
             return Response(message_id, "ACK") if self.auto_ack else None
+        if isinstance(item, Notification) and item.method == "conn.close" and isinstance(item.params, dict):
+            self.close_reason = CloseReason(item.params.get("code"), item.params.get("reason", ""))
+            return None
         if isinstance(item, Request) and item.method == "msg.echo":
             self.echoes.put(item.params)
             return Response(item.id, "ACK")

@@ -66,6 +66,7 @@ class Settings:
     tls_port: int = 3001  # 0: an ephemeral port (tests)
     http_port: int = 3000  # 0: an ephemeral port (tests)
     ws_tls: bool = False  # serve wss:// with the server certificate
+    web_page: bool = True  # serve the chat page at / and the JS client at /client/
     max_connections: int = 10000
     max_frame_bytes: int = 1048576
     max_batch: int = 100
@@ -74,7 +75,9 @@ class Settings:
     max_cid_length: int = 128
     default_ttl: int = 2419200  # seconds (4 weeks)
     max_ttl: int = 2419200  # seconds
-    read_timeout: float = 300.0  # seconds before an idle connection is closed
+    read_timeout: float = 300.0  # seconds without input before a connection is closed (4003)
+    ws_ping_interval: float = 25.0  # seconds of quiet before the server pings a WebSocket
+    http_header_timeout: float = 10.0  # seconds for a TLS handshake plus a whole HTTP request head
     ack_timeout: float = 30.0  # seconds before an unacked delivery is sent again
     delivery_window: int = 1000  # unacked deliveries in flight per device
     max_pending_requests: int = 1000  # unanswered requests per connection before -32003
@@ -479,6 +482,7 @@ _RULES: Mapping[str, _Rule] = types.MappingProxyType(
         "tls_port": _port_rule(),
         "http_port": _port_rule(),
         "ws_tls": _boolean_rule(),
+        "web_page": _boolean_rule(),
         "max_connections": _positive_integer_rule(),
         "max_frame_bytes": _positive_integer_rule(),
         "max_batch": _positive_integer_rule(),
@@ -488,6 +492,8 @@ _RULES: Mapping[str, _Rule] = types.MappingProxyType(
         "default_ttl": _positive_integer_rule(),
         "max_ttl": _positive_integer_rule(),
         "read_timeout": _positive_seconds_rule(),
+        "ws_ping_interval": _positive_seconds_rule(),
+        "http_header_timeout": _positive_seconds_rule(),
         "ack_timeout": _positive_seconds_rule(),
         "delivery_window": _positive_integer_rule(),
         "max_pending_requests": _positive_integer_rule(),

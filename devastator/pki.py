@@ -254,17 +254,24 @@ def client_identity(cert_der_or_dict: bytes | Mapping[str, object] | None) -> De
 
 
 def server_ssl_context(
-    paths: PkiPaths, *, min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
+    paths: PkiPaths,
+    *,
+    min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2,
+    client_certificates: bool = True,
 ) -> ssl.SSLContext:
-    """The TLS endpoint's context: asks for, but does not require, a client certificate.
+    """A server context with the server certificate.
 
-    A client certificate that does not chain to our CA fails the handshake.
+    With ``client_certificates`` (the TLS endpoint) it asks for, but does not
+    require, a client certificate, and one that does not chain to our CA fails
+    the handshake. Without (wss:// for browsers) it asks for none: a browser
+    asked for a certificate it does not have may refuse to connect.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = min_version
     context.load_cert_chain(certfile=paths.server_cert, keyfile=paths.server_key)
-    context.load_verify_locations(cafile=paths.ca_cert)
-    context.verify_mode = ssl.CERT_OPTIONAL
+    if client_certificates:
+        context.load_verify_locations(cafile=paths.ca_cert)
+        context.verify_mode = ssl.CERT_OPTIONAL
     return context
 
 

@@ -172,8 +172,12 @@ class Server:
             max_frame_bytes=settings.max_frame_bytes,
             max_outbound_bytes=settings.max_outbound_bytes,
             read_timeout=settings.read_timeout,
-            ssl_context=server_context if settings.ws_tls else None,
+            header_timeout=settings.http_header_timeout,
+            ping_interval=settings.ws_ping_interval,
+            ssl_context=pki.server_ssl_context(paths, client_certificates=False) if settings.ws_tls else None,
+            request_log=ThrottledLog(logging.getLogger("devastator.http")),
             routes={
+                **(_page_routes() if settings.web_page else {}),
                 "/debug/vars": ("application/json", lambda: self.operations.debug_vars()),
                 "/metrics": (PROMETHEUS_CONTENT_TYPE, lambda: self.operations.metrics()),
             },
@@ -273,6 +277,12 @@ class Server:
                 ref.stop(timeout=timeout)
         self._stopped.set()
         log.info("Devastator stopped")
+
+
+def _page_routes() -> dict:
+    from .web import page_files
+
+    return {path: (content_type, lambda body=body: body) for path, (content_type, body) in page_files().items()}
 
 
 def _oidc_verifier(settings: Settings) -> OidcVerifier | None:

@@ -119,7 +119,8 @@ def test_another_unix_user_cannot_connect(running):
         os.chmod(socket_path.parent, 0o711)
         os.chmod(socket_path, 0o666)
         outcome = probe_as_nobody(directory)
-        assert outcome == "closed" or "reset by peer" in outcome, outcome
+        # The hang-up is seen as EOF, a reset or, when it beats the probe's write, a broken pipe.
+        assert outcome == "closed" or "reset by peer" in outcome or "Broken pipe" in outcome, outcome
     finally:
         os.chmod(socket_path, 0o600)
         os.chmod(socket_path.parent, 0o700)

@@ -113,7 +113,9 @@ def test_a_header_then_silence_is_closed_by_the_read_timeout(servers):
     raw = RawTls(running)
     raw.send(b"\x10\x00")  # half a header, then nothing
     raw.sock.settimeout(3)
-    assert raw.sock.recv(100) == b""  # closed by the server, not by us
+    # PROTOCOL.md 7: the server says why before it closes.
+    assert raw.read_one() == {"jsonrpc": "2.0", "method": "conn.close", "params": {"code": 4003, "reason": "idle timeout"}}
+    raw.assert_closed()
 
 
 def test_a_client_that_never_reads_is_disconnected(servers):

@@ -88,6 +88,10 @@ class AdminActor(pykka.ThreadingActor):
                 message.taken()
             for body in message.bodies:
                 self._on_body(body)
+            if message.violation is not None:
+                if message.violation.error is not None:
+                    self._write(ErrorResponse.from_error(message.violation.error))
+                self._connection.close()
         elif isinstance(message, SendResults):
             for result in message.results:
                 if result.error is not None:

@@ -69,6 +69,14 @@ log = logging.getLogger(__name__)
 # The protocol sends a backlog in JSON-RPC batches of at most this many requests.
 DELIVERY_CHUNK = 100
 
+# Why the server closes a connection (PROTOCOL.md 7), as conn.close and WebSocket codes.
+CLOSE_NORMAL = 1000
+CLOSE_INVALID_DATA = 1007  # a frame that is not JSON: a protocol violation, no conn.close
+CLOSE_INTERNAL_ERROR = 1011
+CLOSE_OVERLOADED = 1013
+CLOSE_REPLACED = 4001
+CLOSE_REVOKED = 4002
+
 
 class Outbound(Protocol):
     """The transport side a device actor writes to (see transports/)."""
@@ -79,8 +87,8 @@ class Outbound(Protocol):
     def send(self, bodies: Sequence[bytes]) -> None:
         """Queue JSON values to write, without blocking."""
 
-    def close(self) -> None:
-        """Write what is queued, then close."""
+    def close(self, code: int | None = None, reason: str = "", *, notify: bool = True) -> None:
+        """Write what is queued, then close; with a code, ``conn.close`` says why (unless not ``notify``)."""
 
 
 class Authority(Protocol):
@@ -181,7 +189,7 @@ class DeviceActor(pykka.ThreadingActor):
     def on_stop(self) -> None:
         if self.user is not None:
             self._telemetry.devices_authenticated -= 1
-        self._connection.close()
+        self._connection.close(CLOSE_NORMAL, "closed by the server")
 
     def on_receive(self, message):
         if isinstance(message, Received):
@@ -211,9 +219,11 @@ class DeviceActor(pykka.ThreadingActor):
         elif isinstance(message, Replaced):
             log.debug("%s: device %s/%s connected again elsewhere", self._connection.remote, self.user,
                       self.device)
-            self._close()
-        elif isinstance(message, (Revoked, Kicked)):
-            self._close()
+            self._close(CLOSE_REPLACED, "replaced: the device authenticated on another connection")
+        elif isinstance(message, Revoked):
+            self._close(CLOSE_REVOKED, "credentials revoked: the device was removed")
+        elif isinstance(message, Kicked):
+            self._close(CLOSE_NORMAL, "closed by an operator")
         elif isinstance(message, ConnectionLost):
             self._on_connection_lost()
         elif isinstance(message, Inspect):
@@ -228,7 +238,7 @@ class DeviceActor(pykka.ThreadingActor):
         # A client may pipeline requests behind its auth.*: they wait for its answer.
         self._held.append(received)
         if len(self._held) > self._limits.max_pending_requests:
-            self._fail_connection(Overloaded("too many requests while authenticating"))
+            self._fail_connection(Overloaded("too many requests while authenticating"), CLOSE_OVERLOADED)
 
     def _release_held(self) -> None:
         while self._held and not self._authenticating and not self._closed:
@@ -236,17 +246,19 @@ class DeviceActor(pykka.ThreadingActor):
 
     def _on_received(self, received: Received) -> None:
         acked: list[str] = []
+        violation = received.violation
         for index, body in enumerate(received.bodies):
             if self._closed:
                 return
             if self._authenticating:
                 # What was read behind an auth.* waits for its outcome, ahead of later reads.
-                self._held.appendleft(Received(received.bodies[index:]))
+                self._held.appendleft(Received(received.bodies[index:], None, violation))
+                violation = None  # it comes with the held rest
                 break
             try:
                 incoming = decode(body, max_batch=self._limits.max_batch)
             except ParseError as error:
-                self._fail_connection(error)
+                self._fail_connection(error, CLOSE_INVALID_DATA, notify=False)
                 return
             except RpcError as error:
                 self._out.append(encode(self._error_response(error)))
@@ -261,6 +273,10 @@ class DeviceActor(pykka.ThreadingActor):
                 self._handle(incoming, None, acked)
         if acked and self._user_ref is not None:
             self._user_ref.tell(Acked(self.device, self.actor_ref, tuple(acked)))
+        if violation is not None and not self._closed:
+            if violation.error is not None:
+                self._out.append(encode(self._error_response(violation.error)))
+            self._close(violation.code, violation.reason, notify=False)
 
     def _handle(self, item, batch: _BatchReply | None, acked: list[str]) -> None:
         if isinstance(item, (Request, Notification)):
@@ -479,15 +495,15 @@ class DeviceActor(pykka.ThreadingActor):
 
     # -- ending -------------------------------------------------------------------------
 
-    def _fail_connection(self, error: RpcError) -> None:
-        """A protocol violation: one error reply, then the connection closes."""
+    def _fail_connection(self, error: RpcError, code: int, *, notify: bool = True) -> None:
+        """One error reply, then the connection closes with ``code``."""
         self._out.append(encode(self._error_response(error)))
-        self._close()
+        self._close(code, error.message, notify=notify)
 
-    def _close(self) -> None:
+    def _close(self, code: int, reason: str, *, notify: bool = True) -> None:
         self._flush()
         self._closed = True
-        self._connection.close()
+        self._connection.close(code, reason, notify=notify)
 
     def _on_connection_lost(self) -> None:
         self._closed = True

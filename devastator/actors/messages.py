@@ -27,6 +27,21 @@ class Received:
 
     bodies: tuple[bytes | str, ...]
     taken: Callable[[], None] | None = None
+    violation: ProtocolViolation | None = None  # read after the bodies; the connection ends with it
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolViolation:
+    """The transport read something it cannot frame (PROTOCOL.md 2, RFC 6455).
+
+    It comes after the bodies read before it, so that their answers go out
+    first; then ``error`` is answered (when there is a JSON-RPC error for it)
+    and the connection closes with ``code``, without ``conn.close``.
+    """
+
+    code: int
+    reason: str
+    error: RpcError | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,9 +23,9 @@ from gevent.server import StreamServer
 from ..protocol import encode_frames
 from ..telemetry import Telemetry
 from ..unix_socket import usable_path
-from .endpoint import Endpoint
+from .endpoint import Endpoint, half_close, shut_socket
 from .outbound import OutboundQueue
-from .tls import read_frames, shut_socket
+from .tls import read_frames
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class AdminTransport(Endpoint):
         outbound = OutboundQueue(
             write=lambda bodies: conn.sendall(encode_frames(bodies)),
             shut=lambda: shut_socket(conn),
+            half_close=lambda: half_close(conn),
             spawn=self._spawn_writer,
             max_bytes=self._max_outbound_bytes,
             remote=f"admin pid {pid}",

@@ -7,17 +7,19 @@ shuts.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from typing import Callable
 
 import gevent
+import gevent.socket
 import pykka
 from gevent.baseserver import BaseServer
 from gevent.lock import Semaphore
 from gevent.pool import Group
 
-from ..actors.messages import ConnectionLost, Received, tell_if_alive
+from ..actors.messages import ConnectionLost, ProtocolViolation, Received, tell_if_alive
 from ..telemetry import Telemetry
 from .outbound import OutboundQueue
 
@@ -26,8 +28,12 @@ log = logging.getLogger(__name__)
 LISTEN_BACKLOG = 1024
 
 WRITER_DRAIN_SECONDS = 10.0
+CLOSE_GOING_AWAY = 1001
 READS_IN_FLIGHT = 4  # reads told to a device actor and not yet picked up
 CREDIT_WAIT_SECONDS = 1.0
+
+
+Forward = Callable[..., None]  # forward(bodies: tuple, violation: ProtocolViolation | None = None)
 
 
 class Endpoint:
@@ -69,7 +75,7 @@ class Endpoint:
     def stop(self, timeout: float) -> None:
         self._server.close()  # no new connections
         for outbound in list(self._connections):
-            outbound.close()
+            outbound.close(CLOSE_GOING_AWAY, "server shutting down")
         self._server.stop(timeout=timeout)
         self._writers.kill(timeout=timeout)
 
@@ -78,8 +84,11 @@ class Endpoint:
         writer.link_exception(lambda crashed: log.error("%s writer crashed: %r", self.name, crashed.exception))
         return writer
 
-    def _serve(self, outbound: OutboundQueue, read: Callable[[Callable[[tuple], None]], str]) -> None:
+    def _serve(self, outbound: OutboundQueue, read: Callable[[Forward], str]) -> None:
         """Run one connection: ``read(forward)`` loops until the end and says why it ended.
+
+        ``forward(bodies, violation)`` ends with a violation when the reader
+        found one: the device actor answers what came before, then closes.
 
         ``forward(bodies)`` hands what was read to the device actor. It blocks
         while READS_IN_FLIGHT earlier reads still wait in the actor's inbox, so
@@ -91,11 +100,11 @@ class Endpoint:
         device = self._new_device(outbound)
         credits = Semaphore(READS_IN_FLIGHT)
 
-        def forward(bodies: tuple) -> None:
+        def forward(bodies: tuple, violation: ProtocolViolation | None = None) -> None:
             while not credits.acquire(timeout=CREDIT_WAIT_SECONDS):
                 if not device.is_alive():  # it crashed: nobody will take these
                     raise pykka.ActorDeadError(f"{device} stopped")
-            device.tell(Received(bodies, credits.release))
+            device.tell(Received(bodies, credits.release, violation))
 
         reason = "closed by peer"
         try:
@@ -103,6 +112,7 @@ class Endpoint:
         except pykka.ActorDeadError:
             reason = "device actor stopped"
         finally:
+            outbound.peer_done()
             self._connections.discard(outbound)
             self._telemetry.connections_closed[self.transport] += 1
             if outbound.slow_consumer:
@@ -132,3 +142,17 @@ def listener(host: str, port: int, *, reuse_port: bool):
         raise
     sock.setblocking(False)
     return sock
+
+
+def half_close(sock: socket.socket) -> None:
+    """Send a FIN: the peer reads what was sent, then sees the end; reading goes on."""
+    # The plain socket's shutdown: ssl's own would drop the TLS state under a reader still using it.
+    with contextlib.suppress(OSError):
+        gevent.socket.socket.shutdown(sock, socket.SHUT_WR)
+
+
+def shut_socket(sock: socket.socket) -> None:
+    """End the connection; a reader blocked on it wakes up with an error."""
+    with contextlib.suppress(OSError):
+        gevent.socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    sock.close()

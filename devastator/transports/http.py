@@ -1,98 +1,62 @@
-"""The HTTP port: the WebSocket endpoint ``/ws`` for browsers, and ``/healthz``.
+"""The HTTP port: the WebSocket endpoint ``/ws``, the chat page, and the operator routes.
 
-One text frame carries one JSON value (PROTOCOL.md 1); binary frames are
-refused with close code 1003. gevent-websocket stays behind this module: the
-actors only see an OutboundQueue, as with the TLS endpoint.
+HTTP/1.1 is parsed by h11 and WebSocket frames by wsproto (both sans-IO):
+this module only reads sockets, checks the upgrade (RFC 6455 4.2) and hands
+an upgraded connection to a device actor, as the TLS endpoint does. The
+request head, and the TLS handshake before it, must arrive whole within
+``header_timeout``, so that half-sent requests cannot hold the port.
+
+gevent-websocket and gevent.pywsgi are not used: the library upgrades any
+path before the application sees it, answers HTTP/1.0 with "402", drops the
+code of its close frames and accepts unmasked client frames, and pywsgi has
+no deadline for a request head.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import http
 import logging
 import socket
 import ssl
-import struct
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
+import gevent
+import h11
 import pykka
 from gevent.pool import Pool
-from gevent.pywsgi import WSGIServer
-from geventwebsocket.exceptions import WebSocketError
-from geventwebsocket.handler import WebSocketHandler
-from geventwebsocket.websocket import Header, WebSocket
+from gevent.server import StreamServer
+from wsproto.utilities import generate_accept_token
 
-from ..protocol import ErrorResponse, encode
-from ..protocol.errors import RpcError, TooLarge
 from ..telemetry import Telemetry
-from .endpoint import Endpoint, listener
+from .endpoint import Endpoint, half_close, listener, shut_socket
 from .outbound import OutboundQueue
+from .websocket import SUBPROTOCOL, WebSocketSession
 
 log = logging.getLogger(__name__)
 
-CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_POLICY_VIOLATION = 1008
+READ_SIZE = 65536
+MAX_REQUEST_HEAD_BYTES = 16384
+MAX_IGNORED_BODY_BYTES = 65536  # a body sent with a GET is read and dropped, up to this
+WEBSOCKET_PATH = "/ws"
+WEBSOCKET_VERSION = b"13"
 
-# An operator endpoint: path -> (content type, function making the body).
+# An operator or page route: path -> (content type, function making the body).
 Route = tuple[str, Callable[[], bytes]]
 
 
-class _BoundedWebSocket(WebSocket):
-    """gevent-websocket with a size limit checked before a payload is read.
-
-    The library reads whatever length a frame header announces, and unmasks
-    byte by byte in Python; this reads at most the limit per message and
-    unmasks with one integer XOR. The library's class has ``__slots__``, so the
-    per-connection limit and count live in the request's environ.
-    """
-
-    __slots__ = ()
-
-    def read_frame(self):
-        header = Header.decode_header(self.stream)
-        if header.flags:
-            raise WebSocketError("reserved bits set")
-        if header.opcode < self.OPCODE_CLOSE:  # data frames: count the message's size
-            environ = self.environ
-            size = header.length
-            if header.opcode != self.OPCODE_CONTINUATION:
-                environ[_MESSAGE_BYTES] = 0
-            size += environ.get(_MESSAGE_BYTES, 0)
-            environ[_MESSAGE_BYTES] = size
-            if size > environ[_MAX_MESSAGE_BYTES]:
-                raise TooLarge(f"message over {environ[_MAX_MESSAGE_BYTES]} bytes")
-        if not header.length:
-            return header, b""
-        payload = self.raw_read(header.length)
-        if len(payload) != header.length:
-            raise WebSocketError("unexpected EOF reading frame payload")
-        if header.mask:
-            payload = _unmask(payload, header.mask)
-        return header, payload
+class _HeaderTimeout(Exception):
+    """The request head (or the TLS handshake) did not arrive in time."""
 
 
-_MAX_MESSAGE_BYTES = "devastator.max_message_bytes"
-_MESSAGE_BYTES = "devastator.message_bytes"
+class _Refusal(Exception):
+    """An HTTP error answer to a request, with the headers it needs."""
 
-
-def _close_frame(ws: WebSocket, code: int, reason: bytes) -> None:
-    # The library's close() drops its code argument; write the frame ourselves.
-    payload = struct.pack("!H", code) + reason
-    ws.raw_write(Header.encode_header(True, WebSocket.OPCODE_CLOSE, b"", len(payload), 0) + payload)
-
-
-def _unmask(payload: bytes, mask: bytes) -> bytes:
-    size = len(payload)
-    key = (mask * (size // 4 + 1))[:size]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(size, "big")
-
-
-def _text_frames(bodies: Iterable[bytes]) -> bytes:
-    return b"".join(
-        Header.encode_header(True, WebSocket.OPCODE_TEXT, b"", len(body), 0) + body for body in bodies
-    )
-
-
-class _WebSocketHandler(WebSocketHandler):
-    def log_request(self) -> None:
-        """No access log: a line per request is telemetry, not an actionable event."""
+    def __init__(self, status: int, message: str, headers: tuple[tuple[str, str], ...] = ()):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
 
 
 class HttpTransport(Endpoint):
@@ -109,83 +73,232 @@ class HttpTransport(Endpoint):
         max_frame_bytes: int,
         max_outbound_bytes: int,
         read_timeout: float,
+        header_timeout: float = 10.0,
+        ping_interval: float = 25.0,
         ssl_context: ssl.SSLContext | None = None,
         routes: Mapping[str, Route] | None = None,
+        request_log=None,
         telemetry: Telemetry | None = None,
         reuse_port: bool = False,
     ):
         super().__init__(new_device=new_device, max_outbound_bytes=max_outbound_bytes, telemetry=telemetry)
         self._max_frame_bytes = max_frame_bytes
         self._read_timeout = read_timeout
+        self._header_timeout = header_timeout
+        self._ping_interval = ping_interval
+        self._ssl_context = ssl_context
+        self._request_log = request_log  # a ThrottledLog: malformed requests, one line per cause a minute
         self._routes = dict(routes or {})
         self._routes.setdefault("/healthz", ("application/json", lambda: b'{"status":"ok"}'))
-        kwargs = {"ssl_context": ssl_context} if ssl_context is not None else {}
-        self._server = WSGIServer(
-            listener(host, port, reuse_port=reuse_port),
-            self._app,
-            handler_class=_WebSocketHandler,
-            spawn=Pool(max_connections),
-            log=None,
-            error_log=log,
-            **kwargs,
+        self._server = StreamServer(
+            listener(host, port, reuse_port=reuse_port), self._handle, spawn=Pool(max_connections)
         )
 
-    def _app(self, environ, start_response):
-        path = environ.get("PATH_INFO", "")
-        if path == "/ws":
-            ws = environ.get("wsgi.websocket")
-            if ws is None:
-                start_response("426 Upgrade Required", [("Content-Type", "text/plain"), ("Upgrade", "websocket")])
-                return [b"a WebSocket upgrade is required on /ws\n"]
-            self._serve_websocket(ws, environ)
-            return []
-        route = self._routes.get(path)
-        if route is None:
-            start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"not found\n"]
-        content_type, render = route
-        body = render()
-        start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
-        return [body]
+    # -- one connection: requests until an upgrade or the end ---------------------------
 
-    def _serve_websocket(self, ws: WebSocket, environ) -> None:
-        ws.__class__ = _BoundedWebSocket  # same object, our read_frame (see the class)
-        environ[_MAX_MESSAGE_BYTES] = self._max_frame_bytes
-        raw = ws.handler.socket
-        raw.settimeout(self._read_timeout)
-        remote = f"{environ.get('REMOTE_ADDR')}:{environ.get('REMOTE_PORT')}"
+    def _handle(self, raw: socket.socket, address) -> None:
+        remote = f"{address[0]}:{address[1]}"
+        sock = raw
+        try:
+            with gevent.Timeout(self._header_timeout, _HeaderTimeout):
+                if self._ssl_context is not None:
+                    sock = self._ssl_context.wrap_socket(raw, server_side=True)
+            self._serve_requests(sock, remote)
+        except _HeaderTimeout:
+            log.debug("%s: TLS handshake not finished in time", remote)
+        except (OSError, ValueError) as error:
+            log.debug("%s: connection failed: %s", remote, error)
+        finally:
+            sock.close()
+            raw.close()
+
+    def _serve_requests(self, sock, remote: str) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
+        while True:
+            try:
+                with gevent.Timeout(self._header_timeout, _HeaderTimeout):
+                    request = _next_event(conn, sock)
+                    if not isinstance(request, h11.Request):
+                        return  # the client closed between requests
+                    upgrade = self._check_upgrade(request)
+                    if upgrade is None:
+                        self._skip_body(conn, sock)
+            except _HeaderTimeout:
+                self._refuse(conn, sock, remote, 408, "request head not received in time")
+                return
+            except h11.RemoteProtocolError as error:
+                self._refuse(conn, sock, remote, error.error_status_hint, f"malformed request: {error}")
+                return
+            except _Refusal as refusal:
+                self._refuse(conn, sock, remote, refusal.status, refusal.message, refusal.headers)
+                return
+            if upgrade is not None:
+                self._serve_websocket(conn, sock, remote, upgrade)
+                return
+            self._answer_route(conn, sock, request)
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return  # Connection: close, or HTTP/1.0
+            conn.start_next_cycle()
+
+    def _answer_route(self, conn: h11.Connection, sock, request: h11.Request) -> None:
+        path = _path(request.target)
+        if request.method not in (b"GET", b"HEAD"):
+            status, content_type, body = 405, "text/plain", b"only GET and HEAD are served here\n"
+            headers = [("Allow", "GET, HEAD")]
+        elif path in self._routes:
+            content_type, render = self._routes[path]
+            status, body, headers = 200, render(), [("Cache-Control", "no-cache")]
+        else:
+            status, content_type, body, headers = 404, "text/plain", b"not found\n", []
+        headers += [("Content-Type", content_type), ("Content-Length", str(len(body))),
+                    ("X-Content-Type-Options", "nosniff")]
+        if status == 405:
+            headers.append(("Connection", "close"))  # its body, if any, is not read
+        data = conn.send(h11.Response(status_code=status, headers=headers))
+        if request.method != b"HEAD":
+            data += conn.send(h11.Data(data=body))
+        data += conn.send(h11.EndOfMessage())
+        sock.sendall(data)
+
+    def _skip_body(self, conn: h11.Connection, sock) -> None:
+        """Read a request's body (a GET may have one) up to its end, or refuse a long one."""
+        skipped = 0
+        while True:
+            event = _next_event(conn, sock)
+            if isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
+                return  # PAUSED: an upgrade to something else, declined by answering normally
+            if isinstance(event, h11.Data):
+                skipped += len(event.data)
+                if skipped > MAX_IGNORED_BODY_BYTES:
+                    raise _Refusal(413, "request body too large")
+            elif isinstance(event, h11.ConnectionClosed):
+                raise h11.RemoteProtocolError("connection closed in a request body", error_status_hint=400)
+
+    def _refuse(self, conn: h11.Connection, sock, remote: str, status: int, message: str,
+                headers: tuple[tuple[str, str], ...] = ()) -> None:
+        """An HTTP error answer, then the connection closes; one throttled log line, never a traceback."""
+        if self._request_log is not None:
+            self._request_log.warning(f"http {status}: {message}", "%s: %s (%d)", remote, message, status)
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return  # an answer was already under way: only closing is left
+        body = (message + "\n").encode()
+        response = h11.Response(
+            status_code=status,
+            headers=[*headers, ("Content-Type", "text/plain"), ("Content-Length", str(len(body))),
+                     ("Connection", "close")],
+        )
+        try:
+            sock.sendall(conn.send(response) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+        except h11.LocalProtocolError:  # h11 refuses to answer a request it could not parse as HTTP/1.x
+            sock.sendall(f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()
+                         + b"Content-Type: text/plain\r\nConnection: close\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        half_close(sock)
+
+    # -- the WebSocket upgrade -------------------------------------------------------
+
+    def _check_upgrade(self, request: h11.Request) -> tuple[bytes, str] | None:
+        """For a valid upgrade of /ws, its key and the subprotocol to select ("" for none); None if no upgrade asked.
+
+        Raises _Refusal with the answer RFC 6455 4.2.2 asks for when the
+        upgrade cannot be accepted.
+        """
+        headers = _Headers(request.headers)
+        upgrade_asked = b"websocket" in headers.tokens(b"upgrade")
+        path = _path(request.target)
+        if path != WEBSOCKET_PATH:
+            if upgrade_asked:
+                raise _Refusal(404, f"no WebSocket endpoint at {path}: it is {WEBSOCKET_PATH}")
+            return None
+        if not upgrade_asked:
+            if request.method in (b"GET", b"HEAD"):
+                raise _Refusal(426, "a WebSocket upgrade is required on /ws",
+                               (("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")))
+            return None  # 405 like any other path
+        if request.method != b"GET":
+            raise _Refusal(405, "a WebSocket upgrade is a GET", (("Allow", "GET"),))
+        if request.http_version < b"1.1":
+            raise _Refusal(400, "a WebSocket upgrade needs HTTP/1.1")
+        if b"upgrade" not in headers.tokens(b"connection"):
+            raise _Refusal(400, "a WebSocket upgrade needs 'Connection: Upgrade'")
+        versions = headers.get_all(b"sec-websocket-version")
+        if not versions:
+            raise _Refusal(400, "Sec-WebSocket-Version is missing")
+        if versions != [WEBSOCKET_VERSION]:
+            raise _Refusal(426, "unsupported WebSocket version: this server speaks 13",
+                           (("Sec-WebSocket-Version", "13"),))
+        keys = headers.get_all(b"sec-websocket-key")
+        if len(keys) != 1 or not _is_websocket_key(keys[0]):
+            raise _Refusal(400, "Sec-WebSocket-Key is missing or not 16 bytes in base64")
+        if headers.get_all(b"transfer-encoding") or headers.get_all(b"content-length") not in ([], [b"0"]):
+            raise _Refusal(400, "a WebSocket upgrade has no body")
+        offered = headers.tokens(b"sec-websocket-protocol", lower=False)
+        return keys[0], SUBPROTOCOL if SUBPROTOCOL.encode() in offered else ""
+
+    def _serve_websocket(self, conn: h11.Connection, sock, remote: str, upgrade: tuple[bytes, str]) -> None:
+        key, subprotocol = upgrade
+        headers = [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
+                   (b"Sec-WebSocket-Accept", generate_accept_token(key))]
+        if subprotocol:
+            headers.append((b"Sec-WebSocket-Protocol", subprotocol.encode()))
+        sock.sendall(conn.send(h11.InformationalResponse(status_code=101, headers=headers)))
+        trailing, _ = conn.trailing_data
+        session = WebSocketSession(
+            sock,
+            trailing_data=bytes(trailing),
+            max_message_bytes=self._max_frame_bytes,
+            ping_interval=self._ping_interval,
+            idle_timeout=self._read_timeout,
+        )
         outbound = OutboundQueue(
-            write=lambda bodies: ws.raw_write(_text_frames(bodies)),
-            shut=lambda: _shut(raw),
+            write=session.write,
+            shut=lambda: shut_socket(sock),
+            half_close=lambda: half_close(sock),
+            closing_handshake=session.closing_handshake,
             spawn=self._spawn_writer,
             max_bytes=self._max_outbound_bytes,
             remote=remote,
         )
-        self._serve(outbound, lambda forward: self._read(ws, forward, outbound))
-
-    def _read(self, ws: WebSocket, forward: Callable[[tuple], None], outbound: OutboundQueue) -> str:
-        while not outbound.closing:
-            try:
-                message = ws.receive()
-            except RpcError as violation:
-                outbound.send([encode(ErrorResponse.from_error(violation))])
-                outbound.close(final=lambda: _close_frame(ws, CLOSE_POLICY_VIOLATION, b"message too large"))
-                return f"protocol violation: {violation.message}"
-            except (WebSocketError, OSError) as error:
-                return f"read failed: {error}"
-            if message is None:
-                return "closed by peer"
-            if not isinstance(message, str):
-                outbound.close(
-                    final=lambda: _close_frame(ws, CLOSE_UNSUPPORTED_DATA, b"binary frames are not accepted")
-                )
-                return "binary frame refused"
-            forward((message,))
-        return "closed by server"
+        self._serve(outbound, lambda forward: session.read(forward, outbound))
 
 
-def _shut(raw: socket.socket) -> None:
+def _next_event(conn: h11.Connection, sock):
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        conn.receive_data(sock.recv(READ_SIZE))
+
+
+def _path(target: bytes) -> str:
+    return target.split(b"?", 1)[0].decode("ascii", "replace")
+
+
+def _is_websocket_key(value: bytes) -> bool:
     try:
-        raw.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+        return len(base64.b64decode(value, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
+
+
+class _Headers:
+    """Header look-ups for the upgrade checks (h11 gives names lower-cased)."""
+
+    def __init__(self, headers):
+        self._headers = list(headers)
+
+    def __contains__(self, name: bytes) -> bool:
+        return any(key == name for key, _ in self._headers)
+
+    def get_all(self, name: bytes) -> list[bytes]:
+        return [value.strip() for key, value in self._headers if key == name]
+
+    def tokens(self, name: bytes, *, lower: bool = True) -> set[bytes]:
+        """The comma-separated tokens of every header of that name."""
+        tokens = set()
+        for value in self.get_all(name):
+            for token in value.split(b","):
+                token = token.strip()
+                if token:
+                    tokens.add(token.lower() if lower else token)
+        return tokens

@@ -7,7 +7,6 @@ A framing violation gets one JSON-RPC error and the connection closes.
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 from typing import Callable
 
@@ -16,15 +15,18 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from ..pki import client_identity
-from ..protocol import ErrorResponse, FrameDecoder, encode, encode_frames
+from ..protocol import FrameDecoder, encode_frames
 from ..protocol.errors import RpcError
 from ..telemetry import Telemetry
-from .endpoint import Endpoint, listener
+from ..actors.messages import ProtocolViolation
+from .endpoint import Endpoint, Forward, half_close, listener, shut_socket
 from .outbound import OutboundQueue
 
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
+CLOSE_IDLE = 4003
+CLOSE_FRAMING = 1002  # told to the device actor; on TLS the code is not sent
 
 
 class TlsTransport(Endpoint):
@@ -79,6 +81,7 @@ class TlsTransport(Endpoint):
         outbound = OutboundQueue(
             write=lambda bodies: conn.sendall(encode_frames(bodies)),
             shut=lambda: shut_socket(conn),
+            half_close=lambda: half_close(conn),
             spawn=self._spawn_writer,
             max_bytes=self._max_outbound_bytes,
             remote=remote,
@@ -90,35 +93,42 @@ class TlsTransport(Endpoint):
             conn.close()
 
 
-def read_frames(conn, forward: Callable[[tuple], None], outbound: OutboundQueue, max_frame_bytes: int) -> str:
+def read_frames(conn, forward: Forward, outbound: OutboundQueue, max_frame_bytes: int) -> str:
     """Read length-prefixed frames until the connection ends; say why it ended.
 
-    A framing violation gets one JSON-RPC error before the connection closes.
+    A framing violation gets one JSON-RPC error, after the answers to the
+    frames before it, then the connection closes;
+    a connection silent for its read timeout is closed with ``conn.close``
+    4003. Once the server is closing, input is read and dropped until the
+    peer closes its side (see OutboundQueue).
     """
     decoder = FrameDecoder(max_frame_bytes)
-    while not outbound.closing:
+    reason = "closed by server"
+    violated = False  # then input is dropped until the device actor has closed
+    while True:
         try:
             data = conn.recv(READ_SIZE)
         except TimeoutError:
-            return "read timeout"
-        except OSError as error:
-            return f"read failed: {error}"
+            if outbound.closing:
+                return reason
+            outbound.close(CLOSE_IDLE, "idle timeout")
+            reason = "idle timeout"
+            continue
+        except (OSError, ValueError) as error:  # ValueError: ssl, once the socket was shut under us
+            return reason if outbound.closing else f"read failed: {error}"
         if not data:
-            return "closed by peer"
+            return reason if outbound.closing else "closed by peer"
+        if outbound.closing:
+            if not outbound.drop_input(len(data)):
+                return reason
+            continue
+        if violated:
+            continue
         try:
             bodies = decoder.feed(data)
-        except RpcError as violation:
-            outbound.send([encode(ErrorResponse.from_error(violation))])
-            return f"framing violation: {violation.message}"
+        except RpcError as error:
+            forward((), ProtocolViolation(CLOSE_FRAMING, error.message, error))
+            violated, reason = True, f"framing violation: {error.message}"
+            continue
         if bodies:
             forward(tuple(bodies))
-    return "closed by server"
-
-
-def shut_socket(conn) -> None:
-    # Closing the socket wakes the reader greenlet blocked on it.
-    try:
-        conn.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    conn.close()

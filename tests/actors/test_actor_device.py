@@ -60,7 +60,8 @@ class FakeConnection:
         for body in bodies:
             self.written.put(body)
 
-    def close(self):
+    def close(self, code=None, reason="", *, notify=True):
+        self.close_code = code
         self.closed.set()
 
     def next(self):
