@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--device", default=DEFAULT_DEVICE, help=f"device id ({DEFAULT_DEVICE})")
     token.add_argument("--ttl", type=int, default=None, help="lifetime in seconds (token_ttl setting)")
 
+    page = commands.add_parser(
+        "open", parents=[common, server_flags], help="print a URL that opens the chat page signed in as a user"
+    )
+    page.add_argument("user")
+    page.add_argument("--device", default=None, help="device id (web-<random>: each page its own device)")
+    page.add_argument("--ttl", type=int, default=None, help="the token's lifetime in seconds (token_ttl setting)")
+
     user = commands.add_parser("user", parents=[common], help="manage users")
     user_commands = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
     add = user_commands.add_parser("add", parents=[common], help="create a user")
@@ -251,6 +258,27 @@ def _token(settings: Settings, args) -> int:
     return 0
 
 
+def _open(settings: Settings, args) -> int:
+    """The chat page's URL with a JWT in its fragment: a fragment is never sent in a request line."""
+    import secrets
+
+    from .auth import JwtAuthority
+    from .secrets import JwtKeyFile
+
+    device = args.device or f"web-{secrets.token_hex(4)}"
+    if not _check_ids(args.user, device):
+        return 2
+    ensure_private_dir(settings.data_dir)
+    identity = _register_device(settings, args.user, device)
+    token = JwtAuthority(JwtKeyFile(settings.data_dir)).mint(identity, args.ttl or settings.token_ttl)
+    host = "localhost" if settings.host in ("127.0.0.1", "::1", "0.0.0.0", "::") else settings.host
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if settings.ws_tls else "http"
+    print(f"{scheme}://{host}:{settings.http_port}/#token={token}")
+    return 0
+
+
 def _cert(settings: Settings, args) -> int:
     from . import pki
 
@@ -334,6 +362,7 @@ def _time(ms: int | None) -> str:
 _COMMANDS = {
     "serve": _serve,
     "token": _token,
+    "open": _open,
     "cert": _cert,
     "user": _user,
     "device": _device,
