@@ -258,6 +258,11 @@ class Client:
         with self._lock:
             self._reconnecting = False
 
+    @property
+    def reconnecting(self) -> bool:
+        """With ``auto_reconnect``: the connection dropped and is being made again."""
+        return self._reconnecting
+
     def close(self) -> None:
         self._stopping = True
         if self._stream is not None:
@@ -353,11 +358,11 @@ class Client:
                 waiting._set(error=ConnectionClosed("connection closed before the answer"))
             if self.close_reason is None:
                 self.close_reason = getattr(stream, "close_reason", None)
-            self.closed.set()
             hopeless = self.close_reason is not None and self.close_reason.code in NO_RECONNECT_CODES
             with self._lock:
                 start = self.auto_reconnect and not self._stopping and not self._reconnecting and not hopeless
                 self._reconnecting = self._reconnecting or start
+            self.closed.set()  # after the decision, so that a waiter sees ``reconnecting`` settled
             if start:
                 threading.Thread(target=self._reconnect_in_background, daemon=True).start()
 
