@@ -4,8 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+JS := clients/js
+JS_STAMP := $(JS)/node_modules/.installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test test-python test-js bench clean
 
 setup: $(STAMP)
 
@@ -18,11 +20,21 @@ $(STAMP): requirements.txt setup.py
 run: setup
 	$(PY) bin/devastator
 
-test: setup
+$(JS_STAMP): $(JS)/package.json $(JS)/package-lock.json
+	cd $(JS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(JS_STAMP)
+
+# The Python suite, then the JS client's (node --test: state machine, real server, headless Chromium).
+test: test-python test-js
+
+test-python: setup
 	$(PY) -m pytest -q tests
+
+test-js: setup $(JS_STAMP)
+	cd $(JS) && npm test
 
 bench: setup
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info $(JS)/node_modules $(JS)/test-artifacts
