@@ -24,7 +24,7 @@ from .config import Settings, SettingsError, load_settings
 from .identity import DeviceIdentity
 from .pki import ensure_private_dir
 from .protocol import is_valid_device_id, is_valid_user_id
-from .store import Store
+from .store import Store, StoreError
 from .store.factory import make_store
 
 DEFAULT_DEVICE = "default"
@@ -43,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _configure_logging(settings)
     command = args.command or "serve"
-    return _COMMANDS[command](settings, args)
+    try:
+        return _COMMANDS[command](settings, args)
+    except StoreError as error:  # the store failed, not the command: Redis down, a database locked too long
+        print(f"devastator: {error}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -148,12 +152,12 @@ class _JsonFormatter(logging.Formatter):
 def _serve(settings: Settings, args) -> int:
     if settings.workers > 1 and WORKER_INDEX_ENV not in os.environ:
         return _supervise(settings)
-    from .server import Server  # the server stack is only imported to serve
+    from .server import Server, StartFailed  # the server stack is only imported to serve
 
     server = Server(settings)
     try:
         server.start()
-    except (OSError, SettingsError) as error:
+    except (OSError, SettingsError, StartFailed) as error:
         logging.getLogger("devastator").error("cannot start: %s", error)
         return 1
     # What start-up built lives as long as the process: keep the collector off it,
@@ -161,8 +165,7 @@ def _serve(settings: Settings, args) -> int:
     # allocates a few short-lived containers).
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
-    server.serve_forever()
-    return 0
+    return server.serve_forever()  # not 0 when a core actor died: the supervisor starts it again
 
 
 def _supervise(settings: Settings) -> int:

@@ -78,10 +78,24 @@ class Settings:
     read_timeout: float = 300.0  # seconds without input before a connection is closed (4003)
     ws_ping_interval: float = 25.0  # seconds of quiet before the server pings a WebSocket
     http_header_timeout: float = 10.0  # seconds for a TLS handshake plus a whole HTTP request head
+    frame_timeout: float = 10.0  # seconds for a whole TLS frame once its first byte arrived
     ack_timeout: float = 30.0  # seconds before an unacked delivery is sent again
     delivery_window: int = 1000  # unacked deliveries in flight per device
     max_pending_requests: int = 1000  # unanswered requests per connection before -32003
     max_outbound_bytes: int = 8388608  # unsent output that gets a connection dropped
+    # Overload (admission.py, PROTOCOL.md 7): past a limit new sends get -32003, new connections 1013; 0: off.
+    overload_cpu_percent: int = 85  # of one core, the process's CPU use over the last 0.2 s
+    overload_loop_lag: float = 0.1  # seconds the event loop runs late, on average
+    overload_send_wait: float = 0.02  # seconds sends wait for the store longer than usual
+    overload_store_queue: int = 20000  # requests waiting for the store actor
+    overload_memory_percent: int = 50  # of the machine's memory, the process's resident memory
+    overload_retry_after: float = 1.0  # seconds told to a send shed for the store queue, memory, its share
+    max_sends_in_flight: int = 500  # msg.send waiting for the store; beyond, each connection a fair share
+    user_send_rate: int = 2000  # msg.send per second per user (a token bucket); 0: no limit
+    user_send_burst: int = 4000  # msg.send a user may send at once beyond its rate
+    connection_send_rate: int = 1000  # msg.send per second per connection; 0: no limit
+    connection_send_burst: int = 2000  # msg.send a connection may send at once beyond its rate
+    max_connections_per_user: int = 100  # 0: no cap
     user_idle_timeout: float = 60.0  # seconds before an idle user actor is stopped
     tick_interval: float = 1.0  # seconds between timer ticks
     sqlite_synchronous: str = "FULL"  # one of SQLITE_SYNCHRONOUS_MODES
@@ -90,6 +104,8 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_cluster_nodes: tuple[str, ...] = ()  # "host:port" of Redis Cluster nodes; empty: redis_url
     redis_prefix: str = "dv:"  # of every key, so that a shared Redis stays tidy
+    redis_socket_timeout: float = 2.0  # seconds a Redis command may take before it fails (-32603), not hangs
+    redis_connect_timeout: float = 1.0  # seconds to open a connection to Redis
     node_name: str = ""  # this node's name in the cluster (and its admin socket's); empty: host:pid
     workers: int = 1  # processes sharing the ports (SO_REUSEPORT); more than 1 needs the Redis store
     token_ttl: int = 2592000  # seconds a minted JWT lives by default (30 days)
@@ -494,10 +510,23 @@ _RULES: Mapping[str, _Rule] = types.MappingProxyType(
         "read_timeout": _positive_seconds_rule(),
         "ws_ping_interval": _positive_seconds_rule(),
         "http_header_timeout": _positive_seconds_rule(),
+        "frame_timeout": _positive_seconds_rule(),
         "ack_timeout": _positive_seconds_rule(),
         "delivery_window": _positive_integer_rule(),
         "max_pending_requests": _positive_integer_rule(),
         "max_outbound_bytes": _positive_integer_rule(),
+        "overload_cpu_percent": _non_negative_integer_rule(),
+        "overload_loop_lag": _non_negative_seconds_rule(),
+        "overload_send_wait": _non_negative_seconds_rule(),
+        "overload_store_queue": _non_negative_integer_rule(),
+        "overload_memory_percent": _non_negative_integer_rule(),
+        "overload_retry_after": _positive_seconds_rule(),
+        "max_sends_in_flight": _non_negative_integer_rule(),
+        "user_send_rate": _non_negative_integer_rule(),
+        "user_send_burst": _positive_integer_rule(),
+        "connection_send_rate": _non_negative_integer_rule(),
+        "connection_send_burst": _positive_integer_rule(),
+        "max_connections_per_user": _non_negative_integer_rule(),
         "user_idle_timeout": _positive_seconds_rule(),
         "tick_interval": _positive_seconds_rule(),
         "sqlite_synchronous": _choice_rule(SQLITE_SYNCHRONOUS_MODES),
@@ -505,6 +534,8 @@ _RULES: Mapping[str, _Rule] = types.MappingProxyType(
         "redis_url": _redis_url_rule(),
         "redis_cluster_nodes": _string_list_rule(),
         "redis_prefix": _text_rule(),
+        "redis_socket_timeout": _positive_seconds_rule(),
+        "redis_connect_timeout": _positive_seconds_rule(),
         "node_name": _pattern_rule("up to 64 characters of A-Z a-z 0-9 . _ -", r"[A-Za-z0-9._-]{0,64}"),
         "workers": _positive_integer_rule(),
         "token_ttl": _positive_integer_rule(),

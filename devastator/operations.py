@@ -1,13 +1,13 @@
-"""What operators read over HTTP: ``/debug/vars`` (Go expvar's JSON shape) and ``/metrics`` (Prometheus).
+"""What operators read over HTTP: ``/debug/vars`` (Go expvar's JSON shape), ``/metrics`` (Prometheus), ``/healthz``.
 
-Both are drawn from the same figures: the ``Telemetry`` counters the actors
-keep, the push providers' counters, the live actors (from pykka's registry)
-and counts the store gives on request. Nothing is computed until asked.
+The first two are drawn from the same figures: the ``Telemetry`` counters the
+actors keep, the push providers' counters, the live actors (from pykka's
+registry) and counts the store gives on request. Nothing is computed until
+asked. ``/healthz`` asks the store and the router actors whether they answer.
 """
 from __future__ import annotations
 
 import gc
-import os
 import resource
 import sys
 import time
@@ -21,12 +21,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.process_collector import ProcessCollector
 
 from .actors.messages import Inspect
-from .push import PushCounters
+from .admission import AdmissionControl, resident_bytes
+from .push import PushCounters, PushPlatforms
 from .telemetry import Histogram, Telemetry
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STORE_STATS_TIMEOUT = 5.0
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+HEALTH_TIMEOUT = 1.0  # seconds for the store and the router, together, to answer /healthz
 
 
 class Operations:
@@ -38,10 +39,18 @@ class Operations:
         store: pykka.ActorRef,
         greenlets: Callable[[], int],
         node: str,
+        router: pykka.ActorRef | None = None,
+        push_platforms: PushPlatforms | None = None,
+        health_timeout: float = HEALTH_TIMEOUT,
+        admission: AdmissionControl | None = None,
     ):
         self._telemetry = telemetry
+        self._admission = admission if admission is not None else AdmissionControl()
         self._push_counters = push_counters
+        self._push_platforms = PushPlatforms() if push_platforms is None else push_platforms
         self._store = store
+        self._router = router
+        self._health_timeout = health_timeout
         self._greenlets = greenlets  # how many greenlets the server runs now
         self._node = node
         self._started = time.time()
@@ -50,6 +59,29 @@ class Operations:
         ProcessCollector(registry=self._registry)
 
     # -- the figures --------------------------------------------------------------------
+
+    def health(self, failure: str | None = None) -> tuple[int, bytes]:
+        """(HTTP status, JSON body): 200 when the store and the router answer in time, else 503 and why.
+
+        ``failure`` is the server's own reason to be stopping (a core actor died).
+        """
+        if failure is not None:
+            return _unavailable(failure)
+        actors = {"store": self._store, "router": self._router}
+        asked = {name: ref.ask(Inspect("health"), block=False) for name, ref in actors.items() if ref is not None}
+        deadline = time.monotonic() + self._health_timeout
+        for name, answer in asked.items():
+            try:
+                answered = answer.get(timeout=max(0.0, deadline - time.monotonic()))
+            except pykka.ActorDeadError:
+                return _unavailable(f"the {name} actor is not running")
+            except pykka.Timeout:
+                return _unavailable(f"the {name} actor did not answer within {self._health_timeout:g} s")
+            except Exception as error:  # noqa: BLE001  (pykka hands the asker what the actor raised)
+                return _unavailable(f"the {name} actor answers: {error}")
+            if isinstance(answered, dict) and answered.get("failing"):  # e.g. the store's, since when and why
+                return _unavailable(answered["failing"])
+        return 200, b'{"status":"ok"}'
 
     def store_stats(self) -> dict[str, int]:
         return self._store.ask(Inspect("stats"), timeout=STORE_STATS_TIMEOUT)
@@ -75,6 +107,7 @@ class Operations:
             "devices_authenticated": t.devices_authenticated,
             "slow_consumers_disconnected": t.slow_consumers,
             "actors": self.actors(),
+            "actor_failures": dict(t.actor_failures),
             "messages": {
                 "accepted": t.messages_accepted,
                 "delivered": t.messages_delivered,
@@ -93,9 +126,11 @@ class Operations:
                 "commit_seconds": t.commit_seconds.summary(),
             },
             "push": {platform: counters.as_dict() for platform, counters in self._push_counters.items()},
+            "push_providers_running": self._push_platforms.running(),
             "requests": dict(t.requests),
             "errors": {str(code): count for code, count in t.errors.items()},
             "auth_failures": t.auth_failures,
+            "overload": self._admission.snapshot(),
             "delivery_latency_seconds": t.delivery_seconds.summary(),
         }
 
@@ -108,10 +143,8 @@ class Operations:
         return generate_latest(self._registry)
 
     def _memstats(self) -> dict:
-        with open("/proc/self/statm", "rb") as statm:
-            resident_pages = int(statm.read().split()[1])
         return {
-            "resident_bytes": resident_pages * _PAGE_SIZE,
+            "resident_bytes": resident_bytes(),
             "max_resident_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "gc_counts": gc.get_count(),
             "gc_collections": [generation["collections"] for generation in gc.get_stats()],
@@ -157,17 +190,40 @@ class _Collector:
         yield _labelled(CounterMetricFamily, "requests", "JSON-RPC calls received.", "method", t.requests)
         yield _labelled(CounterMetricFamily, "errors", "JSON-RPC errors answered.", "code",
                         {str(code): count for code, count in t.errors.items()})
+        yield _labelled(CounterMetricFamily, "sends_shed", "msg.send answered -32003 for overload, by why.",
+                        "reason", t.sends_shed)
+        yield _labelled(CounterMetricFamily, "sends_rate_limited", "msg.send answered -32003 by a rate limit.",
+                        "limit", t.sends_rate_limited)
+        yield _labelled(CounterMetricFamily, "connections_refused", "Connections refused (1013), by why.",
+                        "reason", t.connections_refused)
+        admission = ops._admission
+        for name, value, documentation in (
+            ("overloaded", int(admission.overloaded is not None), "1 while a signal is past its overload limit."),
+            ("send_allowance", admission.allowance, "The factor of every send rate limit (1: as configured)."),
+            ("cpu_ratio", admission.load.cpu, "The process's CPU use over the last 0.2 s, in cores."),
+            ("event_loop_lag_seconds", admission.load.loop_lag, "How late the event loop runs timers."),
+        ):
+            yield GaugeMetricFamily(f"devastator_{name}", documentation, value=value)
         actors = ops.actors()
         yield _labelled(GaugeMetricFamily, "actors", "Live actors.", "kind",
                         {kind: figures["count"] for kind, figures in actors.items()})
         yield _labelled(GaugeMetricFamily, "actor_inbox_messages", "Messages waiting in actors' inboxes.",
                         "kind", {kind: figures["inbox"] for kind, figures in actors.items()})
+        yield _labelled(CounterMetricFamily, "actor_failures", "Actors that failed (an exception), by kind.",
+                        "kind", t.actor_failures)
+        yield _labelled(GaugeMetricFamily, "push_provider_up", "1 while a configured push provider runs, "
+                        "0 once it failed (its platform is off).", "provider",
+                        {p: int(up) for p, up in ops._push_platforms.running().items()})
         for outcome in ("sent", "failed", "tokens_removed", "retried"):
             yield _labelled(CounterMetricFamily, f"push_{outcome}", f"Push notifications {outcome}.".replace(
                 "_", " "), "provider", {p: getattr(c, outcome) for p, c in ops._push_counters.items()})
         yield _histogram("store_commit_size", "Requests per store transaction.", t.commit_size)
         yield _histogram("store_commit_seconds", "Time to run and commit a store transaction.", t.commit_seconds)
         yield _histogram("delivery_seconds", "From a message's acceptance to a device's ACK.", t.delivery_seconds)
+
+
+def _unavailable(reason: str) -> tuple[int, bytes]:
+    return 503, orjson.dumps({"status": "unavailable", "reason": reason})
 
 
 def _labelled(family, name: str, documentation: str, label: str, values: Mapping | Counter):

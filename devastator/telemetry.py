@@ -82,10 +82,16 @@ class Telemetry:
     connections_closed: Counter = field(default_factory=Counter)
     devices_authenticated: int = 0  # connections authenticated now
     slow_consumers: int = 0  # connections closed because they did not read
+    # Actors that failed (an exception pykka logged), by class name; see actors/supervision.py.
+    actor_failures: Counter = field(default_factory=Counter)
     # JSON-RPC.
     requests: Counter = field(default_factory=Counter)  # by method (known ones, else "other")
     errors: Counter = field(default_factory=Counter)  # by code
     auth_failures: int = 0
+    # Overload (admission.py): msg.send refused, and connections refused, by why.
+    sends_shed: Counter = field(default_factory=Counter)  # by overload signal: cpu, loop_lag, store_queue, memory
+    sends_rate_limited: Counter = field(default_factory=Counter)  # by limit: user, connection
+    connections_refused: Counter = field(default_factory=Counter)  # by overload signal, or user_connections
     # The store.
     commits: int = 0
     commit_failures: int = 0

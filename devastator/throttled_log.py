@@ -30,8 +30,11 @@ class ThrottledLog:
         # cause -> [time the next line may be written, lines left out since the last]
         self._causes: dict[str, list] = {}
 
-    def warning(self, cause: str, message: str, *args) -> bool:
-        """Log ``message % args`` unless ``cause`` was logged within the interval; True if logged."""
+    def warning(self, cause: str, message: str, *args, exc_info: BaseException | None = None) -> bool:
+        """Log ``message % args`` unless ``cause`` was logged within the interval; True if logged.
+
+        ``exc_info``: an exception whose traceback goes with the line (a bug worth reading).
+        """
         now = self._clock()
         entry = self._causes.get(cause)
         if entry is None:
@@ -49,7 +52,7 @@ class ThrottledLog:
         if left_out:
             message += " (and %d more like it in the last %d s)"
             args = (*args, left_out, round(self._interval))
-        self._logger.warning(message, *args)
+        self._logger.warning(message, *args, exc_info=exc_info)
         return True
 
     def _forget_quiet_causes(self, now: float) -> None:

@@ -23,11 +23,14 @@ class Received:
 
     ``taken`` is called when the device actor picks it up: the reader reads on
     only while few of its reads wait in the actor's inbox (see transports/).
+    ``pause(seconds)`` holds the reader back: the device actor refused a
+    ``msg.send`` and told the client to retry after that long.
     """
 
     bodies: tuple[bytes | str, ...]
     taken: Callable[[], None] | None = None
     violation: ProtocolViolation | None = None  # read after the bodies; the connection ends with it
+    pause: Callable[[float], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,9 @@ class Committed:
     messages: tuple[StoredMessage, ...]
     # Devices of the recipients with push tokens: the router wakes the offline ones.
     push_targets: tuple[tuple[PushTarget, StoredMessage], ...] = ()
+    # Users whose mailboxes may hold messages nobody was told of (the store could
+    # not say whether a send landed): their user actors read the store again.
+    recheck: tuple[str, ...] = ()
 
 
 # -- device -> router -> user --------------------------------------------------
@@ -300,6 +306,11 @@ class Replaced:
     """Another connection authenticated as the same device; this one closes."""
 
 
+@dataclass(frozen=True, slots=True)
+class UserActorFailed:
+    """The user actor serving this connection failed: it closes (1011), and the client reconnects."""
+
+
 # -- device -> user ---------------------------------------------------------------
 
 
@@ -337,6 +348,19 @@ class Poke:
     """Messages were stored on another node for these users (None: maybe for anyone): read the store."""
 
     users: tuple[str, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class RedisAnswering:
+    """The cluster actor's Redis answers again after failing: redo what was lost meanwhile."""
+
+
+@dataclass(frozen=True, slots=True)
+class HelperCrashed:
+    """A greenlet of the actor's own died of ``error``, a bug: the actor fails with it (and says so)."""
+
+    name: str
+    error: BaseException
 
 
 # -- operators (admin endpoint) -> router -> user ------------------------------------
@@ -395,6 +419,17 @@ class WatchEvent:
     device: str | None
     ids: tuple[str, ...]
     ts: int  # ms since the epoch
+
+
+# -- supervision: a watcher greenlet -> the watched actor's parent --------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ChildStopped:
+    """The child ``name`` (``ref``) stopped; unless its parent stopped it, it failed (see supervision.py)."""
+
+    name: str
+    ref: ActorRef
 
 
 # -- clock -------------------------------------------------------------------------

@@ -113,8 +113,22 @@ class Forbidden(RpcError):
 
 
 class Overloaded(RpcError):
+    """-32003; the server's own carry ``data`` ``{"retry_after_ms": N}`` (PROTOCOL.md 7, "Overload")."""
+
     code = OVERLOADED
     default_message = "Overloaded, retry later"
+
+    def __init__(self, message: str | None = None, *, retry_after_ms: int | None = None, data: Any = None,
+                 id: Any = None) -> None:
+        if retry_after_ms is not None:
+            data = {"retry_after_ms": retry_after_ms}
+        super().__init__(message, data=data, id=id)
+
+    @property
+    def retry_after_ms(self) -> int | None:
+        """How long the server asked the client to wait, when it said (a peer's error may not)."""
+        wait = self.data.get("retry_after_ms") if isinstance(self.data, dict) else None
+        return wait if isinstance(wait, int) and not isinstance(wait, bool) else None
 
 
 class TooLarge(RpcError):
