@@ -8,13 +8,21 @@ are on other nodes publishes the user's id on those nodes' channels; they
 read the new messages from the store. Push notifications are claimed in
 Redis (``SET NX`` with the quiet period as expiry), so exactly one node
 pushes to an offline device however many nodes accept messages for it.
+
+Every client here is made by ``store.redis.connect`` (timeouts, no retries).
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 
-from .store.redis import connect, user_key
+from redis.exceptions import RedisError
+
+from .outage_log import OutageLog
+from .store.redis import user_key
+
+log = logging.getLogger(__name__)
 
 NODE_TTL_MS = 5000
 HEARTBEAT_SECONDS = 1.0
@@ -74,6 +82,13 @@ class Presence:
     def arrive(self, user: str, device: str) -> None:
         self._client.hset(self._keys.presence(user), device, self._node)
 
+    def arrive_all(self, devices: Iterable[tuple[str, str]]) -> None:
+        """``arrive`` for each (user, device), in one round trip."""
+        pipeline = self._client.pipeline(transaction=False)
+        for user, device in devices:
+            pipeline.hset(self._keys.presence(user), device, self._node)
+        pipeline.execute()
+
     def leave(self, user: str, device: str) -> None:
         self._leave(keys=[self._keys.presence(user)], args=[device, self._node])
 
@@ -102,19 +117,42 @@ class Presence:
 
 
 class RedisPushCoordination:
-    """Push decisions shared by the cluster: claims in Redis, presence on any node."""
+    """Push decisions shared by the cluster: claims in Redis, presence on any node.
+
+    While Redis fails, a device counts as offline and every claim as won: a
+    push too many (from two nodes) beats a device never woken. The outage is
+    logged once when it starts and once when it ends.
+    """
 
     def __init__(self, client, keys: ClusterKeys, presence: Presence):
         self._client = client
         self._keys = keys
         self._presence = presence
+        self._outage = OutageLog(log, "the Redis of push claims")
 
     def online(self, user: str, device: str) -> bool:
-        return self._presence.online_anywhere(user, device)
+        try:
+            online = self._presence.online_anywhere(user, device)
+        except RedisError as error:
+            self._outage.failed(error, presence_checks=1)
+            return False
+        self._outage.answered()
+        return online
 
     def claim(self, user: str, device: str, quiet_seconds: float) -> bool:
         ttl_ms = max(1, int(quiet_seconds * 1000))
-        return bool(self._client.set(self._keys.push_claim(user, device), b"1", nx=True, px=ttl_ms))
+        try:
+            claimed = bool(self._client.set(self._keys.push_claim(user, device), b"1", nx=True, px=ttl_ms))
+        except RedisError as error:
+            self._outage.failed(error, claims=1)
+            return True
+        self._outage.answered()
+        return claimed
 
     def release(self, user: str, device: str) -> None:
-        self._client.delete(self._keys.push_claim(user, device))
+        try:
+            self._client.delete(self._keys.push_claim(user, device))
+        except RedisError as error:  # the claim expires by itself after the quiet period
+            self._outage.failed(error, releases=1)
+            return
+        self._outage.answered()

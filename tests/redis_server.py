@@ -2,8 +2,11 @@
 
 ``RedisServer`` starts, stops (SIGTERM) and kills (SIGKILL) it, and starts it
 again on the same port and directory, so crash tests can check that the
-append-only file kept everything. The fixtures give a session's tests one
-server and each test a store of its own (a unique key prefix on it).
+append-only file kept everything; it also pauses it (SIGSTOP: a blackhole,
+connections open and nothing answered) and resumes it. ``ReplyCutter`` stands
+between a client and Redis and, when armed, loses Redis's answers: the
+commands run, the client never hears so. The fixtures give a session's tests
+one server and each test a store of its own (a unique key prefix on it).
 
 Without ``redis-server`` on PATH the tests that need it are skipped, except
 under CI (``CI=true``), where they fail: CI must not pass by testing less.
@@ -22,6 +25,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from gevent.pool import Pool
+from gevent.server import StreamServer
 
 from devastator.store import RedisStore
 
@@ -136,16 +141,87 @@ class RedisServer:
         """SIGKILL, as a crash would: what Redis had not fsynced is lost."""
         self._end(signal.SIGKILL, 10.0)
 
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open and Redis answers nothing, as behind a blackholed network."""
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT: Redis goes on with what it was sent meanwhile."""
+        self._process.send_signal(signal.SIGCONT)
+
     def _end(self, sig: signal.Signals, timeout: float) -> None:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
+        process.send_signal(signal.SIGCONT)  # a paused process would not act on the signal
         process.send_signal(sig)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+class ReplyCutter:
+    """A TCP proxy to a redis-server that, while ``armed``, loses Redis's answers.
+
+    Armed, it forwards what the client sends, and when Redis answers it
+    closes the client's connection instead of forwarding the answer: the
+    commands ran, and the client sees a connection closed under it.
+    """
+
+    def __init__(self, redis_port: int):
+        self._redis_port = redis_port
+        self._pumps = Pool(100)  # the connections and their pumps
+        self._server = StreamServer(("127.0.0.1", 0), self._serve, spawn=self._pumps)
+        self.armed = False
+        self._let_through = 0  # answers still forwarded once armed
+        self.cut = 0  # answers lost so far
+
+    def arm(self, *, after: int = 0) -> None:
+        """Lose answers from now on, after the next ``after`` (each one read from Redis)."""
+        self._let_through = after
+        self.armed = True
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self._server.server_port}/0"
+
+    def start(self) -> ReplyCutter:
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.stop(timeout=1)
+        self._pumps.kill()
+
+    def _serve(self, client: socket.socket, _address) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self._redis_port))
+        try:
+            requests = self._pumps.spawn(self._pump, client, upstream)
+            self._pump(upstream, client, answers=True)
+            requests.kill()
+        finally:
+            upstream.close()
+            client.close()
+
+    def _pump(self, source: socket.socket, target: socket.socket, *, answers: bool = False) -> None:
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            if answers and self.armed:
+                if self._let_through == 0:
+                    self.cut += 1
+                    return  # closing both ends: the client never hears what Redis answered
+                self._let_through -= 1
+            try:
+                target.sendall(data)
+            except OSError:
+                return
 
 
 def form_cluster(servers: list[RedisServer], timeout: float = 20.0) -> None:

@@ -2,7 +2,8 @@
 
 A sender on one node reaches a recipient whose devices are on two others;
 a node killed with SIGKILL under load, and Redis itself killed and
-restarted, lose nothing that was answered to a sender.
+restarted (once, and again and again under load with the recipient
+connected to another node), lose nothing that was answered to a sender.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import pytest
 
 from devastator.client import Client
 from fake_fcm import fake_fcm, fake_fcm_key  # noqa: F401  (fixtures)
+from load import Receiver, Sender, check_delivery
 from redis_server import RedisServer, require_redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,6 +208,28 @@ def test_redis_killed_and_restarted_loses_nothing_answered(nodes, redis):
             time.sleep(0.2)
     got = [bob.receive(timeout=WAIT)["id"] for _ in answered]
     assert got == answered
+
+
+def test_redis_killed_again_and_again_under_load_loses_nothing_for_a_recipient_on_another_node(nodes, redis):
+    n1, n2 = nodes("n1", "n2", extra_env={"DEVASTATOR_ACK_TIMEOUT": "30"})
+    alice = connect(n1, n1.token("alice"))
+    bob = connect(n2, n1.token("bob"), dedupe=False)  # connected all along, to the other node
+    receiver = Receiver(bob)
+    sender = Sender(alice, "bob")
+    sender.start()
+    try:
+        for _ in range(5):
+            sender.wait_answered(len(sender.answered) + 100, timeout=30)
+            redis.kill()
+            redis.start()  # same port, same append-only file
+            sender.wait_answered(len(sender.answered) + 50, timeout=30)
+            receiver.wait_for(list(sender.answered.values()), timeout=WAIT)
+    finally:
+        sender.stop()
+    receiver.wait_for(list(sender.answered.values()), timeout=WAIT)
+    receiver.close()
+    check_delivery(sender, receiver.ids, receiver.numbers)
+    assert not alice.closed.is_set() and not bob.closed.is_set(), "a client had to reconnect"
 
 
 def admin_call(socket_path: Path, method: str, params: dict):

@@ -10,6 +10,7 @@ import pytest
 from devastator.store import (
     DeviceRecord,
     PushTarget,
+    RedisStore,
     SqliteStore,
     UnknownDeviceError,
     UnknownUserError,
@@ -52,6 +53,14 @@ def send(store, recipients, body=b'"hi"', *, cid=None, ttl=TTL, now=NOW, sender=
 
 def pending(store, user, device, now=NOW):
     return store.load_pending(user, device, 0, 1000, now)
+
+
+def same_data(store):
+    """Another store on the same data, as the CLI opens it in another process."""
+    if isinstance(store, SqliteStore):
+        return SqliteStore(store.path, synchronous="NORMAL")
+    assert isinstance(store, RedisStore)
+    return RedisStore(store.url, cluster_nodes=store.cluster_nodes, prefix=store.prefix)
 
 
 # -- users and devices ---------------------------------------------------------------
@@ -273,6 +282,67 @@ def test_expiring_a_user_s_messages_empties_every_device(store):
     assert pending(store, "bob", "phone") == []
     assert len(pending(store, "carol", "phone")) == 1
     assert store.stats() == {"users": 2, "devices": 2, "messages": 1, "pending": 1}
+
+
+def test_the_counts_follow_every_change(store):
+    counts = {"users": 0, "devices": 0, "messages": 0, "pending": 0}
+
+    def changed(**deltas):
+        for name, delta in deltas.items():
+            counts[name] += delta
+        assert store.stats() == counts
+
+    changed()
+    phone = registered(store, "bob", "phone")
+    registered(store, "bob", "phone")  # nothing new
+    store.add_user("carol", NOW)  # no device yet
+    changed(users=2, devices=1)
+    first = send(store, ["bob", "carol"]).messages[0]
+    (second,) = send(store, ["bob"], cid="c-1").messages
+    send(store, ["bob"], cid="c-1")  # a retry stores nothing
+    changed(messages=3, pending=2)
+    laptop = store.add_device("bob", "laptop", NOW)
+    store.attach_device("bob", "laptop", laptop, NOW)  # a first attachment: bob's two messages
+    store.attach_device("bob", "phone", phone, NOW)
+    changed(devices=1, pending=2)
+    with store.batch():
+        store.ack("bob", "phone", [first.seq, second.seq])
+        store.ack("bob", "phone", [first.seq])  # again: nothing more
+    changed(pending=-2)
+    with store.batch():
+        store.ack("bob", "laptop", [first.seq])  # nobody waits for it now
+    changed(messages=-1, pending=-1)
+    store.remove_device("bob", "laptop", NOW)  # the second was only the laptop's
+    changed(devices=-1, messages=-1, pending=-1)
+    assert store.remove_device("bob", "laptop", NOW) is False
+    changed()
+    assert store.expire_user("carol", NOW) == 1
+    changed(messages=-1)
+    send(store, ["bob"], ttl=1)
+    changed(messages=1, pending=1)
+    with store.batch():
+        store.purge_expired(NOW + 1000)
+    changed(messages=-1, pending=-1)
+    assert counts == {"users": 2, "devices": 1, "messages": 0, "pending": 0}
+
+
+def test_the_counts_include_what_another_process_changed(store):
+    other = same_data(store)
+    other.open()
+    try:
+        registered(other, "bob", "phone")
+        send(other, ["bob"])
+    finally:
+        other.close()
+    assert store.stats() == {"users": 1, "devices": 1, "messages": 1, "pending": 1}
+    (message,) = pending(store, "bob", "phone")
+    with store.batch():
+        store.ack("bob", "phone", [message.seq])
+    other.open()
+    try:
+        assert other.stats() == {"users": 1, "devices": 1, "messages": 0, "pending": 0}
+    finally:
+        other.close()
 
 
 def test_several_sends_at_once_keep_their_order_and_their_own_failures(store):

@@ -1,14 +1,24 @@
-"""The Redis store beyond the contract: cluster mode, crashes, idempotent retries, its indexes."""
+"""The Redis store beyond the contract: cluster mode, crashes, idempotent retries, its indexes,
+and failures told send by send: a script failing in mid-pipeline, answers Redis never sent, a
+Redis that stops answering (SIGSTOP) and goes on."""
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
 import redis
 
 import test_store
-from devastator.store import RedisStore, UnknownUserError
-from redis_server import RedisServer, new_redis_store, redis_cluster, redis_server, require_redis_server  # noqa: F401
+from devastator.store import Accepted, RedisStore, StoreError, StoreUnavailableError, UnknownUserError
+from redis_server import (  # noqa: F401 (fixtures)
+    RedisServer,
+    ReplyCutter,
+    new_redis_store,
+    redis_cluster,
+    redis_server,
+    require_redis_server,
+)
 
 NOW = test_store.NOW
 TTL = test_store.TTL
@@ -64,8 +74,11 @@ def test_a_send_retried_after_a_failure_half_way_reaches_only_the_rest(store, ra
     saved = raw.hgetall(user_key)
     raw.delete(user_key)
     raw.set(user_key, b"broken")
-    with pytest.raises(redis.ResponseError):
+    with pytest.raises(StoreError) as failed:
         send(store, ["bob", "carol"], b'"once"', cid="c-1")
+    # What it did store is told, and Carol's mailbox is to be read again (her script may have half-run).
+    assert [m.recipient for m in failed.value.messages] == ["bob"]
+    assert failed.value.recheck == ("carol",)
     assert len(test_store.pending(store, "bob", "phone")) == 1
     raw.delete(user_key)
     raw.hset(user_key, mapping=saved)
@@ -73,11 +86,12 @@ def test_a_send_retried_after_a_failure_half_way_reaches_only_the_rest(store, ra
     retried = send(store, ["bob", "carol"], b'"once"', cid="c-1", now=NOW + 10)
     assert retried.duplicate is False
     assert [(m.recipient, m.id, m.ts) for m in retried.messages] == [("carol", retried.id, NOW)]
+    assert retried.recheck == ("bob",)  # the first try reached Bob: was he told?
     (to_bob,) = test_store.pending(store, "bob", "phone")
     (to_carol,) = test_store.pending(store, "carol", "phone")
     assert to_bob.id == to_carol.id == retried.id
     again = send(store, ["bob", "carol"], b'"once"', cid="c-1", now=NOW + 20)
-    assert (again.id, again.duplicate, again.messages) == (retried.id, True, ())
+    assert (again.id, again.duplicate, again.messages, again.recheck) == (retried.id, True, (), ("bob", "carol"))
     assert store.stats()["messages"] == 2
 
 
@@ -187,8 +201,119 @@ def test_construction_does_no_io_and_an_unreachable_redis_fails_open():
     store = RedisStore("redis://127.0.0.1:1/0", connect_timeout=0.5)
     with pytest.raises(RuntimeError):
         store.stats()
-    with pytest.raises(redis.ConnectionError):
+    with pytest.raises(StoreUnavailableError):
         store.open()
+
+
+# -- failures, send by send ------------------------------------------------------------------
+
+
+@pytest.fixture
+def cutter(redis_server):
+    """A proxy to the session's redis-server that loses its answers when armed."""
+    proxy = ReplyCutter(redis_server.port).start()
+    yield proxy
+    proxy.stop()
+
+
+def break_mailbox(raw, store, user):
+    """The user's messages hash made a string: its append script fails (WRONGTYPE) before storing."""
+    raw.set(store._user_key(user, "msgs"), b"broken")
+
+
+@pytest.mark.parametrize("cid", [False, True], ids=["together", "with-cids"])
+@pytest.mark.parametrize("failing", [0, 1, 2], ids=["first", "middle", "last"])
+def test_each_send_of_a_group_gets_its_own_outcome(store, raw, failing, cid):
+    users = ["bob", "carol", "dave"]
+    for user in users:
+        registered(store, user, "phone")
+    break_mailbox(raw, store, users[failing])
+    sends = [("alice", [user], b'"to %s"' % user.encode(), f"c-{user}" if cid else None, TTL) for user in users]
+    with store.batch():
+        results = store.append_many(sends, NOW)
+    raw.delete(store._user_key(users[failing], "msgs"))
+
+    for user, result in zip(users, results):
+        if user == users[failing]:
+            assert type(result) is StoreError
+            assert (result.messages, result.recheck) == ((), (user,))
+            assert test_store.pending(store, user, "phone") == []
+        else:
+            assert isinstance(result, Accepted) and result.recheck == ()
+            assert [m.id for m in test_store.pending(store, user, "phone")] == [result.id]
+            assert [m.recipient for m in result.messages] == [user]
+    assert store.stats()["messages"] == 2
+
+
+def test_sends_whose_answers_are_lost_name_their_recipients_and_the_rest_are_not_tried(store, cutter):
+    for user in ("bob", "carol"):
+        registered(store, user, "phone")
+    cut = RedisStore(cutter.url, prefix=store.prefix)
+    cut.open()
+    assert cut.has_user("bob") and cut.has_user("carol")  # known: their sends go together
+    cutter.arm()
+    with cut.batch():
+        results = cut.append_many(
+            [("alice", ["bob", "carol"], b'"1"', None, TTL), ("alice", ["carol"], b'"2"', "c-2", TTL),
+             ("alice", ["bob"], b'"3"', None, TTL)],
+            NOW,
+        )
+    cutter.armed = False
+    assert all(type(result) is StoreUnavailableError for result in results)
+    assert [result.recheck for result in results] == [("bob", "carol"), (), ()]
+    # Redis did run the first send, and was never sent the others.
+    for user in ("bob", "carol"):
+        assert [m.message_json for m in test_store.pending(store, user, "phone")] == [b'"1"']
+    assert cut.append("alice", ["bob"], b'"4"', None, TTL, NOW).messages  # a new connection serves again
+    cut.close()
+
+
+def test_a_cid_whose_answer_was_lost_completes_once_and_asks_for_a_recheck(store, cutter):
+    registered(store, "carol", "phone")
+    cut = RedisStore(cutter.url, prefix=store.prefix)
+    cut.open()
+    assert cut.has_user("carol")
+    cutter.arm(after=1)  # the claim is answered; the script's answer is lost
+    with pytest.raises(StoreUnavailableError) as unanswered:
+        send(cut, ["carol"], b'"once"', cid="c-1")
+    cutter.armed = False
+    assert unanswered.value.recheck == ("carol",)
+    (landed,) = test_store.pending(store, "carol", "phone")
+
+    retried = send(cut, ["carol"], b'"once"', cid="c-1", now=NOW + 10)
+    assert (retried.id, retried.ts, retried.duplicate, retried.messages) == (landed.id, landed.ts, True, ())
+    assert retried.recheck == ("carol",)  # the first try's success may never have been told
+    assert len(test_store.pending(store, "carol", "phone")) == 1
+    cut.close()
+
+
+def test_a_paused_redis_fails_calls_within_the_timeout_and_serves_again_once_resumed(tmp_path):
+    require_redis_server()
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        store = RedisStore(server.url, socket_timeout=0.5)
+        store.open()
+        registered(store, "bob", "phone")
+        server.pause()
+        started = time.monotonic()
+        with store.batch():
+            (unanswered,) = store.append_many([("alice", ["bob"], b'"paused"', None, TTL)], NOW)
+        assert time.monotonic() - started < 2.0
+        assert type(unanswered) is StoreUnavailableError and unanswered.recheck == ("bob",)
+        with pytest.raises(StoreUnavailableError):
+            store.stats()
+
+        server.resume()
+        # Redis runs what it was sent while paused: that is why the recipient is rechecked.
+        deadline = time.monotonic() + 5
+        while not test_store.pending(store, "bob", "phone"):
+            assert time.monotonic() < deadline, "the send made while Redis was paused never landed"
+            time.sleep(0.02)
+        assert send(store, ["bob"], b'"resumed"').messages
+        assert [m.message_json for m in test_store.pending(store, "bob", "phone")] == [b'"paused"', b'"resumed"']
+        store.close()
+    finally:
+        server.stop()
 
 
 # -- crashes ------------------------------------------------------------------------------

@@ -7,27 +7,63 @@ nodes where they have devices. Its subscriber greenlet reads this node's
 channel and tells the router ``Poke`` for users whose messages were stored
 elsewhere: their user actors read them from the store. A heartbeat greenlet
 keeps this node alive in Redis. Both greenlets belong to the actor's group
-and stop with it.
+and stop with it; the subscriber's connection is the actor's own, closed
+when it stops.
+
+Redis failing is not a bug: a Redis error is counted, the outage logged once
+when it starts and once when it ends (the heartbeat notices), and what it
+lost is redone then: this node's devices are recorded as present again and
+the users whose announcements Redis did not take are announced. Any other
+exception is a bug and fails the actor, also one raised in its greenlets.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 
 import gevent
 import orjson
 import pykka
 from gevent.pool import Group
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..cluster import HEARTBEAT_SECONDS, NODE_TTL_MS, ClusterKeys, LiveNodes, Presence
-from .messages import Announce, DeviceAbsent, DevicePresent, Inspect, Poke
+from ..outage_log import OutageLog
+from ..throttled_log import ThrottledLog
+from .messages import (
+    Announce,
+    DeviceAbsent,
+    DevicePresent,
+    HelperCrashed,
+    Inspect,
+    Poke,
+    RedisAnswering,
+    tell_if_alive,
+)
 
 log = logging.getLogger(__name__)
 
 RESUBSCRIBE_SECONDS = 1.0
+# A quiet subscribed connection is pinged this often; no answer within as long again means it is dead
+# (a Redis stopped or cut off never closes it).
+SUBSCRIBER_PING_SECONDS = 2.0
+# Users whose announcement failed, kept to announce once Redis is back (a bound, not a policy).
+MAX_UNANNOUNCED = 100_000
 
 
 class ClusterActor(pykka.ThreadingActor):
-    def __init__(self, *, client, subscriber_client, prefix: str, node: str, router: pykka.ActorRef):
+    def __init__(
+        self,
+        *,
+        client,
+        subscriber_client,
+        prefix: str,
+        node: str,
+        router: pykka.ActorRef,
+        subscriber_ping_interval: float = SUBSCRIBER_PING_SECONDS,
+    ):
         super().__init__()
         self._client = client
         self._subscriber_client = subscriber_client  # its own connection: a subscribed one does nothing else
@@ -37,44 +73,81 @@ class ClusterActor(pykka.ThreadingActor):
         self._live = LiveNodes(client, self._keys)
         self._presence = Presence(client, self._keys, node, self._live)
         self._greenlets = Group()
-        self._down = False  # Redis unreachable: logged once, until it is back
+        self._outage = OutageLog(log, f"the cluster's Redis (node {node})")
+        self._bad_news = ThrottledLog(log)
+        self._here: set[tuple[str, str]] = set()  # (user, device) connected to this node
+        self._unannounced: set[str] = set()
+        self._ping_interval = subscriber_ping_interval
         self.announced = 0
 
     def on_start(self) -> None:
         self._beat()  # alive before any device can be found here
         for loop in (self._heartbeat, self._subscribe):
             greenlet = self._greenlets.spawn(loop)
-            greenlet.link_exception(lambda g: log.error("cluster %s crashed: %r", loop.__name__, g.exception))
+            greenlet.link_exception(self._helper_crashed(loop.__name__))
 
     def on_stop(self) -> None:
         self._greenlets.kill(timeout=2)
         try:
             self._client.delete(self._keys.node(self._node))
-        except Exception as error:  # Redis may be down; we are leaving anyway
+        except RedisError as error:  # Redis may be down; we are leaving anyway
             log.debug("cannot mark node %s gone: %s", self._node, error)
+        self._subscriber_client.close()
 
     def on_failure(self, exception_type, exception_value, traceback) -> None:
         self._greenlets.kill(timeout=2)
+        self._subscriber_client.close()
 
     def on_receive(self, message):
-        try:
-            if isinstance(message, Announce):
-                self._announce(message.users)
-            elif isinstance(message, DevicePresent):
-                self._presence.arrive(message.user, message.device)
-            elif isinstance(message, DeviceAbsent):
-                self._presence.leave(message.user, message.device)
-            elif isinstance(message, Inspect):
-                return {"node": self._node, "announced": self.announced}
-        except Exception as error:  # Redis down or failing over: said once, the node goes on
-            self._redis_trouble(error)
+        if isinstance(message, Inspect):
+            return {"node": self._node, "announced": self.announced, "redis_down": self._outage.down}
+        if isinstance(message, HelperCrashed):
+            raise RuntimeError(f"the cluster actor's {message.name} greenlet crashed") from message.error
+        if isinstance(message, DevicePresent):
+            self._here.add((message.user, message.device))
+            self._redis_call("presence_updates", self._presence.arrive, message.user, message.device)
+        elif isinstance(message, DeviceAbsent):
+            self._here.discard((message.user, message.device))
+            self._redis_call("presence_updates", self._presence.leave, message.user, message.device)
+        elif isinstance(message, Announce):
+            if not self._redis_call("announcements", self._announce, message.users):
+                self._keep_unannounced(message.users)
+        elif isinstance(message, RedisAnswering):
+            self._redo()
         return None
+
+    def _redis_call(self, kind: str, call, *args) -> bool:
+        """Run ``call``; False if Redis failed it (counted as ``kind``)."""
+        try:
+            call(*args)
+        except RedisError as error:
+            self._outage.failed(error, **{kind: 1})
+            return False
+        return True
 
     def _announce(self, users) -> None:
         for node, node_users in self._presence.nodes_of(users).items():
             self._client.publish(self._keys.channel(node), orjson.dumps(sorted(node_users)))
             self.announced += len(node_users)
-        self._redis_back()
+
+    def _keep_unannounced(self, users) -> None:
+        room = MAX_UNANNOUNCED - len(self._unannounced)
+        self._unannounced.update(list(users)[:max(0, room)])
+
+    def _redo(self) -> None:
+        """Redis answers again: record this node's devices again, announce what it did not take."""
+        if self._here and not self._redis_call("presence_updates", self._presence.arrive_all, list(self._here)):
+            return
+        users, self._unannounced = self._unannounced, set()
+        if users and not self._redis_call("announcements", self._announce, tuple(users)):
+            self._keep_unannounced(users)
+
+    def _helper_crashed(self, name: str):
+        def crashed(greenlet: gevent.Greenlet) -> None:
+            log.error("cluster %s greenlet crashed: %r", name, greenlet.exception)
+            tell_if_alive(self.actor_ref, HelperCrashed(name, greenlet.exception))
+
+        return crashed
 
     # -- greenlets ----------------------------------------------------------------------
 
@@ -86,9 +159,12 @@ class ClusterActor(pykka.ThreadingActor):
             gevent.sleep(HEARTBEAT_SECONDS)
             try:
                 self._beat()
-                self._redis_back()
-            except Exception as error:  # noqa: BLE001
-                self._redis_trouble(error)
+            except RedisError as error:
+                self._outage.failed(error, heartbeats=1)
+                continue
+            if self._outage.down:
+                self._outage.answered()
+                tell_if_alive(self.actor_ref, RedisAnswering())
 
     def _subscribe(self) -> None:
         channel = self._keys.channel(self._node)
@@ -96,23 +172,42 @@ class ClusterActor(pykka.ThreadingActor):
             pubsub = self._subscriber_client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(channel)
-                for event in pubsub.listen():
-                    if event.get("type") == "message":
-                        self._router.tell(Poke(tuple(orjson.loads(event["data"]))))
-            except Exception as error:  # Redis down: the key expires, other nodes stop telling us
-                self._redis_trouble(error)
+                self._listen(pubsub)
+            except RedisError as error:  # Redis down: the key expires, other nodes stop telling us
+                self._outage.failed(error, subscriptions=1)
             finally:
-                pubsub.close()
+                with contextlib.suppress(RedisError, OSError):
+                    pubsub.close()
             gevent.sleep(RESUBSCRIBE_SECONDS)
             # Messages stored elsewhere while we were cut off: every user here looks again.
             self._router.tell(Poke(None))
 
-    def _redis_trouble(self, error: Exception) -> None:
-        if not self._down:
-            self._down = True
-            log.warning("cluster: Redis unreachable from node %s: %s", self._node, error)
+    def _listen(self, pubsub) -> None:
+        """Tell the router what other nodes publish, until the subscribed connection fails."""
+        interval = self._ping_interval
+        heard = time.monotonic()
+        pinged = False
+        while True:
+            event = pubsub.get_message(timeout=interval)
+            now = time.monotonic()
+            if event is not None:
+                heard, pinged = now, False
+                if event.get("type") == "message":
+                    self._poke(event["data"])
+            elif pinged and now - heard >= 2 * interval:
+                raise RedisTimeoutError(f"no answer to a ping on the subscribed connection within {interval:g} s")
+            elif not pinged and now - heard >= interval:
+                pubsub.ping()
+                pinged = True
 
-    def _redis_back(self) -> None:
-        if self._down:
-            self._down = False
-            log.warning("cluster: Redis reachable again from node %s", self._node)
+    def _poke(self, data: bytes) -> None:
+        try:
+            users = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            users = None
+        if not isinstance(users, list) or not all(isinstance(user, str) for user in users):
+            # Someone else's publication on our channel: nothing to act on, worth a line.
+            self._bad_news.warning("publication", "cluster: ignored a publication that is not a list of users:"
+                                   " %.100r", data)
+            return
+        self._router.tell(Poke(tuple(users)))

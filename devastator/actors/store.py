@@ -6,6 +6,19 @@ one fsync, and only after the commit are the answers told. That is how
 ``msg.send`` answers after its message is durable without an fsync per message.
 SQLite runs in this actor's greenlet: an fsync here costs well under a
 millisecond, and a worker thread would make every statement wait for the GIL.
+
+Failures are answered truthfully, request by request. On a store whose batch
+is all or nothing (SQLite), a failure rolls the whole group back and every
+request of it is answered -32603. On one where each call stands on its own
+(Redis), each request gets its own outcome: what landed is answered and told
+to the router as committed, what did not is answered -32603, and a send that
+may have landed without the store being able to tell names its recipients in
+``Committed.recheck``, so that their user actors read their mailboxes again
+(a retry with the same ``cid`` then completes exactly once). When the store
+does not answer, the rest of the group is not tried, nor are the groups of
+the next ``retry_interval``: they are answered at once, not after another
+timeout. An outage is logged when it starts and when it ends (outage_log.py);
+a bug is logged with its traceback, once per cause a minute.
 """
 from __future__ import annotations
 
@@ -17,9 +30,19 @@ import gevent
 import gevent.event
 import pykka
 
+from ..outage_log import OutageLog
 from ..protocol.errors import Forbidden, InternalError, UnknownRecipient
-from ..store import Store, UnknownDeviceError, UnknownUserError
+from ..store import (
+    PushTarget,
+    Store,
+    StoredMessage,
+    StoreError,
+    StoreUnavailableError,
+    UnknownDeviceError,
+    UnknownUserError,
+)
 from ..telemetry import Telemetry
+from ..throttled_log import ThrottledLog
 from .messages import (
     Ack,
     Append,
@@ -48,6 +71,14 @@ from .messages import (
 
 log = logging.getLogger(__name__)
 
+# Seconds after the store did not answer during which new groups are not tried.
+RETRY_INTERVAL = 0.5
+NOT_STORED = "the message store failed and the message was not stored; retry later"
+MAYBE_STORED = (
+    "the message store failed and the message may have been stored for some recipients;"
+    " send it again with the same cid to have it stored once"
+)
+
 
 class StoreActor(pykka.ThreadingActor):
     def __init__(
@@ -56,6 +87,7 @@ class StoreActor(pykka.ThreadingActor):
         store: Store,
         max_group: int = 2000,
         checkpoint_interval: float = 1.0,
+        retry_interval: float = RETRY_INTERVAL,
         telemetry: Telemetry | None = None,
     ):
         super().__init__()
@@ -68,6 +100,15 @@ class StoreActor(pykka.ThreadingActor):
         self._checkpoint_interval = checkpoint_interval
         self._next_checkpoint = 0.0
         self._checkpointing: gevent.event.AsyncResult | None = None
+        self._outage = OutageLog(log, "the message store")
+        self._bugs = ThrottledLog(log)
+        self._retry_interval = retry_interval
+        self._retry_at = 0.0
+        # The store did not answer, in this group or in one less than retry_interval ago.
+        self._unanswered: StoreUnavailableError | None = None
+        # The group being run: how many of its requests failed, and the first store failure.
+        self._failed_requests = 0
+        self._store_failure: StoreError | None = None
 
     def on_start(self) -> None:
         self._store.open()
@@ -91,7 +132,17 @@ class StoreActor(pykka.ThreadingActor):
         return None
 
     def _inspect(self, detail) -> dict:
-        """Operators' reads; a tuple detail names what: ("user", id) or ("pending", user, device, limit)."""
+        """Operators' reads; a tuple detail names what: ("user", id) or ("pending", user, device, limit).
+
+        "health" (/healthz) answers {"failing": since when and why} while the store is failing.
+        """
+        if detail == "health":
+            if not self._outage.down:
+                return {"failing": None}
+            return {"failing": f"the message store has been failing for {self._outage.seconds():.1f} s:"
+                               f" {self._outage.first_error}"}
+        if detail is not None and self._unanswered is not None and time.monotonic() < self._retry_at:
+            raise self._unanswered
         store = self._store
         now_ms = int(time.time() * 1000)
         if isinstance(detail, tuple) and detail[0] == "user":
@@ -116,15 +167,27 @@ class StoreActor(pykka.ThreadingActor):
         now_ms = int(time.time() * 1000)
         telemetry = self._telemetry
         started = time.perf_counter()
+        self._failed_requests = 0
+        self._store_failure = None
+        if self._unanswered is not None and time.monotonic() >= self._retry_at:
+            self._unanswered = None  # time to try the store again
+        store = self._store
         try:
-            with self._store.batch():
+            with store.batch():
                 outcomes = self._apply_all(requests, now_ms)
-        except Exception:
-            log.exception("store commit of %d requests failed; each is answered with an internal error",
-                          len(requests))
-            outcomes = [_failed(request) for request in requests]
+        except Exception as error:  # an all-or-nothing batch rolled back, or a bug (logged by _failure)
+            self._failed_requests = 0
+            self._failure(error, len(requests))
+            outcomes = [_failed(request, recheck=not store.all_or_nothing) for request in requests]
+        if self._failed_requests:
             telemetry.commit_failures += 1
+            failure = self._store_failure or self._unanswered  # a bug alone is no outage
+            if failure is not None:
+                self._outage.failed(failure, commits=1, requests=self._failed_requests)
+            if self._unanswered is not None and time.monotonic() >= self._retry_at:
+                self._retry_at = time.monotonic() + self._retry_interval
         else:
+            self._outage.answered()
             self.commits += 1
             self.committed_requests += len(requests)
             telemetry.commits += 1
@@ -132,6 +195,19 @@ class StoreActor(pykka.ThreadingActor):
             telemetry.commit_seconds.observe(time.perf_counter() - started)
         self._answer(requests, outcomes)
         self._checkpoint_if_due()
+
+    def _failure(self, error: Exception, requests: int = 1) -> None:
+        """``requests`` of the group failed with ``error``: a store's failure, or a bug (logged here)."""
+        self._failed_requests += requests
+        if isinstance(error, StoreError):
+            self._store_failure = self._store_failure or error
+            if isinstance(error, StoreUnavailableError):
+                self._unanswered = error
+            return
+        self._bugs.warning(
+            f"{type(error).__name__}: {error}", "store request failed by a bug (answered -32603): %r", error,
+            exc_info=error,
+        )
 
     def _checkpoint_if_due(self) -> None:
         # In gevent's thread pool, one at a time: the event loop keeps serving.
@@ -149,7 +225,12 @@ class StoreActor(pykka.ThreadingActor):
             self._checkpointing.wait(timeout=30)
 
     def _apply_all(self, requests: list, now_ms: int) -> list:
-        """The outcome of each request, in order; consecutive sends go to the store together."""
+        """The outcome of each request, in order; consecutive sends go to the store together.
+
+        On an all-or-nothing store a failure raises (the batch rolls back);
+        on another each request gets its own, and once the store did not
+        answer, the requests left are failed without a try.
+        """
         outcomes: list = []
         sends: list[Append] = []
         for request in requests:
@@ -159,30 +240,56 @@ class StoreActor(pykka.ThreadingActor):
             if sends:
                 outcomes.extend(self._append_all(sends, now_ms))
                 sends = []
-            outcomes.append(self._apply(request, now_ms))
+            outcomes.append(self._apply_one(request, now_ms))
         if sends:
             outcomes.extend(self._append_all(sends, now_ms))
         return outcomes
 
+    def _apply_one(self, request, now_ms: int):
+        if self._unanswered is not None:
+            self._failed_requests += 1
+            return _failed(request)
+        if self._store.all_or_nothing:
+            return self._apply(request, now_ms)
+        try:
+            return self._apply(request, now_ms)
+        except Exception as error:  # its own outcome; a bug is logged with its traceback
+            self._failure(error)
+            return _failed(request)
+
     def _append_all(self, sends: list[Append], now_ms: int) -> list:
-        """(SendResult, stored messages, push targets) for each send."""
-        accepted_all = self._store.append_many(
-            [(send.sender, send.recipients, send.message_json, send.cid, send.ttl) for send in sends], now_ms
-        )
+        """(SendResult, stored messages, push targets, recipients to recheck) for each send."""
+        if self._unanswered is not None:
+            self._failed_requests += len(sends)
+            return [_failed(send) for send in sends]
+        store = self._store
+        try:
+            accepted_all = store.append_many(
+                [(send.sender, send.recipients, send.message_json, send.cid, send.ttl) for send in sends], now_ms
+            )
+        except Exception as error:
+            if store.all_or_nothing:
+                raise
+            # Not told what landed: every send is failed, its recipients rechecked.
+            accepted_all = [StoreError(str(error), recheck=send.recipients) for send in sends]
+            self._failure(error, len(sends))
+        else:
+            for accepted in accepted_all:
+                if isinstance(accepted, StoreError):
+                    self._failure(accepted)
         outcomes = []
         for send, accepted in zip(sends, accepted_all, strict=True):
             if isinstance(accepted, UnknownUserError):
                 error = UnknownRecipient(data={"unknown": list(accepted.args[0])})
-                outcomes.append((SendResult(send.request_key, error=error), (), ()))
-                continue
-            result = SendResult(send.request_key, id=accepted.id, ts=accepted.ts)
-            if accepted.messages:
-                self._telemetry.messages_accepted += 1
-            wake = ()
-            if accepted.push_targets:
-                by_recipient = {message.recipient: message for message in accepted.messages}
-                wake = tuple((target, by_recipient[target.user]) for target in accepted.push_targets)
-            outcomes.append((result, accepted.messages, wake))
+                outcomes.append((SendResult(send.request_key, error=error), (), (), ()))
+            elif isinstance(accepted, StoreError):
+                error = InternalError(MAYBE_STORED if accepted.recheck else NOT_STORED)
+                wake = _wake(accepted.messages, accepted.push_targets)
+                outcomes.append((SendResult(send.request_key, error=error), accepted.messages, wake, accepted.recheck))
+            else:
+                result = SendResult(send.request_key, id=accepted.id, ts=accepted.ts)
+                wake = _wake(accepted.messages, accepted.push_targets)
+                outcomes.append((result, accepted.messages, wake, accepted.recheck))
         return outcomes
 
     def _apply(self, request, now_ms: int):
@@ -242,28 +349,42 @@ class StoreActor(pykka.ThreadingActor):
     def _answer(self, requests, outcomes) -> None:
         # One tell per recipient actor per commit, in acceptance order.
         results: dict[pykka.ActorRef, list[SendResult]] = defaultdict(list)
-        committed: dict[pykka.ActorRef, list] = defaultdict(list)
-        wake: dict[pykka.ActorRef, list] = defaultdict(list)
+        # notify ref -> (stored messages, push targets to wake, users to recheck)
+        committed: dict[pykka.ActorRef, tuple[list, list, dict]] = {}
         for request, outcome in zip(requests, outcomes, strict=True):
             if isinstance(request, Append):
-                result, messages, push_targets = outcome
+                result, messages, push_targets, recheck = outcome
                 results[request.reply_to].append(result)
-                if messages:
-                    committed[request.notify].extend(messages)
-                    wake[request.notify].extend(push_targets)
+                if messages and result.error is None:
+                    self._telemetry.messages_accepted += 1  # a retried cid that stored nothing is not counted
+                if messages or recheck:
+                    stored, wake, users = committed.setdefault(request.notify, ([], [], {}))
+                    stored.extend(messages)
+                    wake.extend(push_targets)
+                    users.update(dict.fromkeys(recheck))
             elif isinstance(request, (LoadPending, AttachDevice, Register, PollRemovals, SetPushToken,
                                       FindPushDevice, ExpireUser)):
                 tell_if_alive(request.reply_to, outcome)
-        for ref, batch in committed.items():
-            tell_if_alive(ref, Committed(tuple(batch), tuple(wake[ref])))
+        for ref, (stored, wake, users) in committed.items():
+            tell_if_alive(ref, Committed(tuple(stored), tuple(wake), recheck=tuple(users)))
         for ref, batch in results.items():
             tell_if_alive(ref, SendResults(tuple(batch)))
 
 
-def _failed(request):
+def _wake(messages: tuple[StoredMessage, ...], push_targets: tuple[PushTarget, ...]) -> tuple:
+    """(push target, the message stored for its user) for each target."""
+    if not push_targets:
+        return ()
+    by_recipient = {message.recipient: message for message in messages}
+    return tuple((target, by_recipient[target.user]) for target in push_targets)
+
+
+def _failed(request, *, recheck: bool = False):
+    """A failed request's outcome; ``recheck``: a send's recipients may have it all the same."""
     error = InternalError("the message store failed; retry later")
     if isinstance(request, Append):
-        return SendResult(request.request_key, error=error), (), ()
+        result = SendResult(request.request_key, error=InternalError(MAYBE_STORED if recheck else NOT_STORED))
+        return result, (), (), request.recipients if recheck else ()
     if isinstance(request, LoadPending):
         return PendingLoaded(request.device, request.after_seq, (), complete=False, failed=True)
     if isinstance(request, AttachDevice):

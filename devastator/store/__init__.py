@@ -8,6 +8,8 @@ from .base import (
     RemovedDevices,
     Store,
     StoredMessage,
+    StoreError,
+    StoreUnavailableError,
     UnknownDeviceError,
     UnknownUserError,
 )
@@ -25,6 +27,8 @@ __all__ = [
     "SqliteStore",
     "Store",
     "StoredMessage",
+    "StoreError",
+    "StoreUnavailableError",
     "UnknownDeviceError",
     "UnknownUserError",
 ]

@@ -1,9 +1,12 @@
 """The store interface: what the delivery core needs from durable storage.
 
-The embedded SQLite store implements it today; a clustered store (Redis) will
-implement the same calls. Every call is blocking and is made by one caller at a
-time (the store actor), which groups many calls into one durable commit with
-``batch()``.
+The embedded SQLite store and the clustered store (Redis) implement it. Every
+call is blocking and is made by one caller at a time (the store actor), which
+groups many calls into one durable commit with ``batch()``.
+
+A call the store itself failed (a disk, a connection, a server's refusal: not
+a bug of the caller) raises ``StoreError``; ``StoreUnavailableError`` when the
+store did not answer at all, so that the call may or may not have been done.
 """
 from __future__ import annotations
 
@@ -47,6 +50,9 @@ class Accepted:
     duplicate: bool = False
     # The recipients' devices with push tokens, to wake those that are offline.
     push_targets: tuple[PushTarget, ...] = ()
+    # Recipients an earlier try of this ``cid`` reached although it failed: their
+    # live devices may never have been told, so their mailboxes are read again.
+    recheck: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +89,43 @@ class UnknownDeviceError(LookupError):
     """No such device, or credentials from an earlier registration of it."""
 
 
+class StoreError(Exception):
+    """The store failed a call; the caller did nothing wrong and may try again later.
+
+    A send that failed half-way carries what it did store all the same
+    (``messages``, ``push_targets``: their recipients are told as usual), and
+    ``recheck``: recipients it may have been stored for without the store
+    being able to tell, whose mailboxes must be read again.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        messages: tuple[StoredMessage, ...] = (),
+        push_targets: tuple[PushTarget, ...] = (),
+        recheck: tuple[str, ...] = (),
+    ):
+        super().__init__(message)
+        self.messages = messages
+        self.push_targets = push_targets
+        self.recheck = recheck
+
+
+class StoreUnavailableError(StoreError):
+    """The store did not answer (connection refused or lost, timed out, still loading).
+
+    What was asked may or may not have been done, and whatever is asked next
+    will most likely fail the same way until the store is back.
+    """
+
+
 class Store(Protocol):
+    # True: a batch commits all of its calls or none of them (one transaction),
+    # so one failed call fails the whole batch. False: each call is durable on
+    # its own once it returns, and a failed call leaves the others standing.
+    all_or_nothing: bool
+
     def open(self) -> None: ...
 
     def close(self) -> None: ...
@@ -102,11 +144,16 @@ class Store(Protocol):
     ) -> Accepted:
         """Store a message for every recipient; raises UnknownUserError."""
 
-    def append_many(self, sends: Sequence[tuple], now_ms: int) -> list[Accepted | UnknownUserError]:
+    def append_many(
+        self, sends: Sequence[tuple], now_ms: int
+    ) -> list[Accepted | UnknownUserError | StoreError]:
         """``append`` for each (sender, recipients, message_json, cid, ttl_seconds), in order.
 
         A send with an unknown recipient gets its UnknownUserError in its place
         in the results; the others are stored. A store may send them together.
+        A store that is not ``all_or_nothing`` puts the StoreError of a send it
+        failed in that send's place (after a StoreUnavailableError, every send
+        left gets one too, untried); an ``all_or_nothing`` one raises it.
         """
 
     def attach_device(self, user: str, device: str, registration: str, now_ms: int) -> Attachment:
@@ -136,7 +183,11 @@ class Store(Protocol):
 
     # Operators' calls (CLI, console, telemetry); not on the delivery path.
     def stats(self) -> dict[str, int]:
-        """Counts for telemetry: users, devices, messages stored, deliveries pending (not ACKed)."""
+        """Counts for telemetry: users, devices, messages stored, deliveries pending (not ACKed).
+
+        Kept up to date as the store changes, by every process using it: a
+        scrape never counts over a table.
+        """
 
     def add_user(self, user: str, now_ms: int) -> bool: ...
 

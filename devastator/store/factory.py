@@ -18,6 +18,8 @@ def make_store(settings: Settings) -> Store:
             settings.redis_url,
             cluster_nodes=settings.redis_cluster_nodes or None,
             prefix=settings.redis_prefix,
+            socket_timeout=settings.redis_socket_timeout,
+            connect_timeout=settings.redis_connect_timeout,
         )
     from .sqlite import SqliteStore
 

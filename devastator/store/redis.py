@@ -51,13 +51,25 @@ The store does not retry commands itself: a script whose answer was lost to a
 broken connection may have run, and running it again would store a message
 twice. The call fails instead; a client that retries its send with the same
 ``cid`` gets it stored once.
+
+Failures are told truthfully, per send (``all_or_nothing`` is False): in a
+group of sends, those whose scripts ran are answered and told as stored,
+one whose script failed gets a StoreError carrying what it did store, and
+when Redis does not answer a pipeline (a connection lost, a timeout), every
+send in it gets a StoreUnavailableError naming its recipients for a
+``recheck``: the message may be in their mailboxes, so their devices read
+them again. A retried ``cid`` that finds the message already stored for a
+recipient asks for the same recheck, as the first try's success may never
+have been told.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import secrets
 import struct
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import redis
@@ -74,11 +86,21 @@ from .base import (
     PushTarget,
     RemovedDevices,
     StoredMessage,
+    StoreError,
+    StoreUnavailableError,
     UnknownDeviceError,
     UnknownUserError,
 )
 
 log = logging.getLogger(__name__)
+
+# Seconds: a command that takes longer fails (Redis stopped or cut off), and so
+# does a connection that takes longer to open; the settings redis_socket_timeout
+# and redis_connect_timeout, whose defaults these are.
+SOCKET_TIMEOUT = 2.0
+CONNECT_TIMEOUT = 1.0
+# Redis did not answer: what was asked may or may not have been done.
+UNANSWERED = (redis.ConnectionError, redis.TimeoutError)
 
 # Servers poll removals every second or so; a day is ample for one to catch up.
 REMOVALS_KEPT_MS = 24 * 3600 * 1000
@@ -441,16 +463,62 @@ def user_key(prefix: str, user: str, name: str) -> str:
     return f"{prefix}{{u:{user}}}:{name}"
 
 
-def connect(url: str, cluster_nodes: Sequence[str] | None = None, **options):
-    """A Redis client: one server by URL, or a Redis Cluster by its "host:port" nodes."""
+def connect(
+    url: str,
+    cluster_nodes: Sequence[str] | None = None,
+    *,
+    socket_timeout: float = SOCKET_TIMEOUT,
+    connect_timeout: float = CONNECT_TIMEOUT,
+):
+    """A Redis client: one server by URL, or a Redis Cluster by its "host:port" nodes.
+
+    Every client of the server's is made here: its commands fail after
+    ``socket_timeout`` instead of waiting for ever on a Redis that stopped
+    answering, and are never retried by the client (a command whose answer
+    was lost may have run: a script run again would store a message twice).
+    """
+    options = dict(
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
     if cluster_nodes:
         nodes = [ClusterNode(host, int(port)) for host, port in (node.rsplit(":", 1) for node in cluster_nodes)]
         return RedisCluster(startup_nodes=nodes, **options)
     return redis.Redis.from_url(url, **options)
 
 
+def _redis_errors(method):
+    """Redis's own failures leave a store call as StoreError (StoreUnavailableError: no answer)."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except UNANSWERED as error:
+            raise StoreUnavailableError(f"Redis did not answer: {error}") from error
+        except RedisError as error:
+            raise StoreError(f"Redis failed: {error}") from error
+
+    return call
+
+
+@dataclass(slots=True)
+class _Landed:
+    """What the scripts storing one message did, recipient by recipient."""
+
+    stored: list[StoredMessage] = field(default_factory=list)
+    push_targets: list[PushTarget] = field(default_factory=list)
+    waiting: int = 0  # deliveries now pending
+    already: list[str] = field(default_factory=list)  # had it from an earlier try of the cid
+    failed: list[str] = field(default_factory=list)  # their script failed, maybe half-way
+    error: Exception | None = None  # the first script error
+
+
 class RedisStore:
     """The Store interface on Redis; ``cluster_nodes`` ("host:port", ...) for Redis Cluster."""
+
+    all_or_nothing = False
 
     def __init__(
         self,
@@ -458,8 +526,8 @@ class RedisStore:
         *,
         cluster_nodes: Sequence[str] | None = None,
         prefix: str = "dv:",
-        socket_timeout: float = 10.0,
-        connect_timeout: float = 5.0,
+        socket_timeout: float = SOCKET_TIMEOUT,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ):
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"prefix must not contain a hash tag brace, got {prefix!r}")
@@ -473,6 +541,7 @@ class RedisStore:
         self._batch = _Batch(self)
         self._ids = MessageIds()
         self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._counts_changed = False  # since the last flush: a flush waits for news, not for a dead Redis
         # Users are never removed, so "exists" can be kept (bounded: forgotten wholesale).
         self._known_users: set[str] = set()
         self._users_key = f"{prefix}users"
@@ -483,13 +552,11 @@ class RedisStore:
 
     # -- lifecycle -----------------------------------------------------------
 
+    @_redis_errors
     def open(self) -> None:
-        options = dict(
-            socket_timeout=self._socket_timeout,
-            socket_connect_timeout=self._connect_timeout,
-            retry=Retry(NoBackoff(), 0),
+        client = connect(
+            self.url, self.cluster_nodes, socket_timeout=self._socket_timeout, connect_timeout=self._connect_timeout
         )
-        client = connect(self.url, self.cluster_nodes, **options)
         try:
             client.ping()
             scripts = {}
@@ -520,7 +587,7 @@ class RedisStore:
 
     def close(self) -> None:
         if self._client is not None:
-            self._flush_counts()
+            self._flush_counts(even_unchanged=True)
             self._client.close()
             self._client = None
 
@@ -538,6 +605,7 @@ class RedisStore:
 
     # -- delivery path -------------------------------------------------------
 
+    @_redis_errors
     def append(
         self,
         sender: str,
@@ -572,67 +640,91 @@ class RedisStore:
                 self._scripts["delete_if"](keys=[claim_key], args=[claim])
         if unknown and not retried:
             raise UnknownUserError(unknown)
-        stored, push_targets, waiting = self._store_message(
-            sender, recipients, message_id, ts, expires, message_json, once=cid is not None
+        (landed,) = self._store_messages(
+            [(sender, recipients, message_id, ts, expires, message_json, cid is not None)]
         )
-        self._count(messages=len(stored), pending=waiting)
-        if retried and not stored:
-            return Accepted(id=message_id, ts=ts, expires=expires, messages=(), duplicate=True)
-        return Accepted(
-            id=message_id, ts=ts, expires=expires, messages=tuple(stored), push_targets=tuple(push_targets)
-        )
+        outcome = self._outcome(landed, message_id, ts, expires, retried=retried)
+        if isinstance(outcome, StoreError):
+            raise outcome
+        return outcome
 
-    def append_many(self, sends: Sequence[tuple], now_ms: int) -> list[Accepted | UnknownUserError]:
+    @_redis_errors
+    def append_many(
+        self, sends: Sequence[tuple], now_ms: int
+    ) -> list[Accepted | UnknownUserError | StoreError]:
         """Store several sends in order; each (sender, recipients, message_json, cid, ttl_seconds).
 
         Sends without a ``cid`` to recipients known to exist (the common case)
         go together in one pipeline: one round trip, so one fsync in Redis, for
         all of them. The others are stored one by one, in their place in the
-        order. An unknown recipient fails its own send, in its place.
+        order. An unknown recipient fails its own send, in its place; so does
+        a failure of Redis (a StoreError), and once Redis did not answer, the
+        sends left are not tried: each gets a StoreUnavailableError.
         """
         results: list = [None] * len(sends)
         together: list[tuple[int, tuple]] = []
+        unanswered: StoreUnavailableError | None = None
 
-        def store_together() -> None:
+        def store_together() -> StoreUnavailableError | None:
             entries = [
                 (sender, recipients, self._ids.new(now_ms), now_ms, now_ms + ttl * 1000, body, False)
                 for _, (sender, recipients, body, _cid, ttl) in together
             ]
-            for (index, _), entry, (stored, push_targets, waiting) in zip(
-                together, entries, self._store_messages(entries)
-            ):
-                self._count(messages=len(stored), pending=waiting)
-                results[index] = Accepted(
-                    id=entry[2], ts=entry[3], expires=entry[4], messages=tuple(stored),
-                    push_targets=tuple(push_targets),
-                )
+            try:
+                landed_all = self._store_messages(entries)
+            except StoreError as error:
+                for (index, _), entry in zip(together, entries):
+                    results[index] = type(error)(str(error), recheck=tuple(entry[1]))
+                together.clear()
+                return error if isinstance(error, StoreUnavailableError) else None
+            for (index, _), entry, landed in zip(together, entries, landed_all):
+                results[index] = self._outcome(landed, entry[2], entry[3], entry[4], retried=False)
             together.clear()
+            return None
 
         known = self._known_users
         for index, send in enumerate(sends):
             sender, recipients, body, cid, ttl = send
+            if unanswered is None and together and not (cid is None and all(r in known for r in recipients)):
+                unanswered = store_together()
+            if unanswered is not None:
+                results[index] = StoreUnavailableError(f"not tried, as Redis did not answer: {unanswered}")
+                continue
             if cid is None and all(recipient in known for recipient in recipients):
                 together.append((index, send))
                 continue
-            if together:
-                store_together()
             try:
                 results[index] = self.append(sender, recipients, body, cid, ttl, now_ms)
-            except UnknownUserError as unknown:
-                results[index] = unknown
-        if together:
+            except (UnknownUserError, StoreError) as error:
+                results[index] = error
+                if isinstance(error, StoreUnavailableError):
+                    unanswered = error
+        if together and unanswered is None:
             store_together()
         return results
 
-    def _store_message(self, sender, recipients, message_id, ts, expires, message_json, *, once: bool):
-        """One script per recipient, all in one round trip; (stored, push targets, deliveries)."""
-        return self._store_messages([(sender, recipients, message_id, ts, expires, message_json, once)])[0]
+    def _outcome(self, landed: _Landed, message_id: str, ts: int, expires: int, *, retried: bool):
+        """The Accepted for a message its scripts stored, or the StoreError of one they did not all store."""
+        self._count(messages=len(landed.stored), pending=landed.waiting)
+        if landed.failed:
+            return StoreError(
+                f"Redis failed to store a message for {len(landed.failed)} recipient(s): {landed.error}",
+                messages=tuple(landed.stored),
+                push_targets=tuple(landed.push_targets),
+                recheck=(*landed.already, *landed.failed),  # a script may have failed half-way
+            )
+        return Accepted(
+            id=message_id, ts=ts, expires=expires, messages=tuple(landed.stored),
+            duplicate=retried and not landed.stored, push_targets=tuple(landed.push_targets),
+            recheck=tuple(landed.already),
+        )
 
-    def _store_messages(self, entries: Sequence[tuple]) -> list[tuple[list, list, int]]:
+    def _store_messages(self, entries: Sequence[tuple]) -> list[_Landed]:
         """Several messages, one script per recipient, all in one round trip.
 
-        Each entry is (sender, recipients, message id, ts, expires, body, once);
-        each result (stored, push targets, deliveries waiting).
+        Each entry is (sender, recipients, message id, ts, expires, body, once).
+        A pipeline Redis did not answer (or refused as a whole) raises a
+        StoreError whose ``recheck`` names every recipient.
         """
         script = self._scripts["append"]
         expiring: dict[str, int] = {}
@@ -640,7 +732,7 @@ class RedisStore:
             for user in recipients:
                 expiring[user] = min(expires, expiring.get(user, expires))
         if not expiring:
-            return [([], [], 0) for _ in entries]
+            return [_Landed() for _ in entries]
         ops = _Ops(self)
         # The expiry index is lowered before (so a crash half-way leaves no message
         # unindexed) and after (so a purge running meanwhile cannot drop the entry).
@@ -651,39 +743,45 @@ class RedisStore:
             for recipient in recipients:
                 ops.script(script, self._user_keys(recipient), (record, expires, check))
         ops.call(lambda pipe: pipe.zadd(self._expiring_key, expiring, lt=True))
-        results = iter(ops.run(raise_on_error=False)[1:-1])
+        try:
+            results = iter(ops.run(raise_on_error=False)[1:-1])
+        except RedisError as error:
+            if isinstance(error, UNANSWERED):
+                raise StoreUnavailableError(
+                    f"Redis did not answer a pipeline of sends: {error}", recheck=tuple(expiring)
+                ) from error
+            raise StoreError(f"Redis failed a pipeline of sends: {error}", recheck=tuple(expiring)) from error
         outcomes = []
-        failure = None
         for sender, recipients, message_id, ts, expires, message_json, _ in entries:
-            stored, push_targets, waiting = [], [], 0
+            landed = _Landed()
             for recipient in recipients:
                 result = next(results)
                 if isinstance(result, Exception):
-                    failure = failure or result
+                    landed.failed.append(recipient)
+                    landed.error = landed.error or result
                     continue
                 if result[0] == -1:
                     # Only if the user's keys vanished under a running store (FLUSHDB).
                     self._known_users.discard(recipient)
                     log.warning("recipient %r disappeared while a message was stored for it", recipient)
+                    landed.failed.append(recipient)
+                    landed.error = landed.error or UnknownUserError([recipient])
                     continue
                 if result[0] == 0:
+                    landed.already.append(recipient)
                     continue
                 seq, devices = int(result[0]), int(result[1])
-                waiting += devices
-                stored.append(StoredMessage(seq, message_id, sender, recipient, message_json, ts, expires))
+                landed.waiting += devices
+                landed.stored.append(StoredMessage(seq, message_id, sender, recipient, message_json, ts, expires))
                 rest = result[2:]
-                push_targets.extend(
+                landed.push_targets.extend(
                     PushTarget(recipient, _text(rest[i]), _text(rest[i + 1]), _text(rest[i + 2]))
                     for i in range(0, len(rest), 3)
                 )
-            outcomes.append((stored, push_targets, waiting))
-        if failure is not None:
-            # Counted all the same: those recipients have it, and a retry with the cid will not add it again.
-            for stored, _, waiting in outcomes:
-                self._count(messages=len(stored), pending=waiting)
-            raise failure
+            outcomes.append(landed)
         return outcomes
 
+    @_redis_errors
     def attach_device(self, user: str, device: str, registration: str, now_ms: int) -> Attachment:
         result = self._user_script("attach", user, device, registration, now_ms)
         if result[0] == -1:
@@ -694,6 +792,7 @@ class RedisStore:
         self._count(pending=copied)
         return Attachment(pending=int(pending))
 
+    @_redis_errors
     def load_pending(
         self, user: str, device: str, after_seq: int, limit: int, now_ms: int
     ) -> list[StoredMessage]:
@@ -712,12 +811,14 @@ class RedisStore:
             after_seq = int(result[-2])
         return messages
 
+    @_redis_errors
     def ack(self, user: str, device: str, seqs: Sequence[int]) -> None:
         if not seqs:
             return
         done, retired = self._user_script("ack", user, device, *(int(seq) for seq in seqs))
         self._count(pending=-done, messages=-retired)
 
+    @_redis_errors
     def purge_expired(self, now_ms: int) -> int:
         purged = 0
         client = self._redis
@@ -768,6 +869,7 @@ class RedisStore:
 
     # -- operators -----------------------------------------------------------
 
+    @_redis_errors
     def add_user(self, user: str, now_ms: int) -> bool:
         ops = _Ops(self)
         ops.script(self._scripts["add_user"], self._user_keys(user), (now_ms,))
@@ -776,6 +878,7 @@ class RedisStore:
         self._remember_user(user)
         return created
 
+    @_redis_errors
     def add_device(self, user: str, device: str, now_ms: int) -> str:
         registration = secrets.token_urlsafe(REGISTRATION_BYTES)
         result = self._user_script("add_device", user, device, now_ms, registration)
@@ -785,6 +888,7 @@ class RedisStore:
             self._count(devices=1)
         return _text(result[1])
 
+    @_redis_errors
     def remove_device(self, user: str, device: str, now_ms: int) -> bool:
         # The removal is logged first: a crash in between makes servers drop the
         # connections of a device that is still there (it reconnects), never keep
@@ -806,6 +910,7 @@ class RedisStore:
             )
         return True
 
+    @_redis_errors
     def set_push_token(self, user: str, device: str, platform: str, token: str) -> bool:
         result = self._user_script("set_push", user, device, platform, token)
         if result[0] == 0:
@@ -824,12 +929,14 @@ class RedisStore:
             self._user_script("clear_push", other_user, other_device, platform, token)
         return True
 
+    @_redis_errors
     def remove_push_token(self, user: str, device: str, platform: str, token: str) -> bool:
         ops = _Ops(self)
         ops.script(self._scripts["clear_push"], self._user_keys(user), (device, platform, token))
         ops.script(self._scripts["delete_if"], [self._push_key(platform, token)], (self._holder(user, device),))
         return ops.run()[0] == 1
 
+    @_redis_errors
     def device_for_push_token(self, platform: str, token: str) -> tuple[str, str] | None:
         holder = self._redis.get(self._push_key(platform, token))
         if holder is None:
@@ -837,6 +944,7 @@ class RedisStore:
         user, device = json.loads(holder)
         return user, device
 
+    @_redis_errors
     def removed_devices(self, after: int | None) -> RemovedDevices:
         client = self._redis
         if after is None:
@@ -846,6 +954,7 @@ class RedisStore:
             return RemovedDevices(after, ())
         return RemovedDevices(int(rows[-1][0]), tuple((user, device) for _, _, user, device in rows))
 
+    @_redis_errors
     def backlog(self, user: str, now_ms: int) -> dict[str, tuple[int, int]]:
         """device -> (pending, ts of its first pending message: the oldest, as seq follows acceptance)."""
         result = self._user_script("backlog", user, now_ms)
@@ -854,25 +963,30 @@ class RedisStore:
             for i in range(0, len(result), 3)
         }
 
+    @_redis_errors
     def expire_user(self, user: str, now_ms: int) -> int:
         messages, deliveries = self._user_script("expire_user", user)
         self._count(messages=-messages, pending=-deliveries)
         return int(messages)
 
+    @_redis_errors
     def stats(self) -> dict[str, int]:
-        self._flush_counts()
+        self._flush_counts(even_unchanged=True)
         ops = _Ops(self)
         ops.call(lambda pipe: pipe.scard(self._users_key))
         ops.call(lambda pipe: pipe.hmget(self._stats_key, _COUNTERS))
         users, counts = ops.run()
         return {"users": int(users), **{name: int(count or 0) for name, count in zip(_COUNTERS, counts)}}
 
+    @_redis_errors
     def has_user(self, user: str) -> bool:
         return not self._unknown_users([user])
 
+    @_redis_errors
     def list_users(self) -> list[str]:
         return sorted(_text(user) for user in self._redis.smembers(self._users_key))
 
+    @_redis_errors
     def list_devices(self, user: str) -> list[DeviceRecord]:
         records = []
         for name, raw in self._redis.hgetall(self._user_key(user, "devices")).items():
@@ -932,23 +1046,30 @@ class RedisStore:
         """Add to the counters: sent now outside a batch, else when the outermost batch ends."""
         counts = self._counts
         for name, delta in deltas.items():
-            counts[name] += int(delta)
+            if delta:
+                counts[name] += int(delta)
+                self._counts_changed = True
         if self._batch.depth == 0:
             self._flush_counts()
 
-    def _flush_counts(self) -> None:
+    def _flush_counts(self, *, even_unchanged: bool = False) -> None:
+        """Send the counters' deltas; those of a failed flush wait for the next change (or a read)."""
         changed = {name: delta for name, delta in self._counts.items() if delta}
-        if not changed or self._client is None:
+        if not changed or self._client is None or not (self._counts_changed or even_unchanged):
             return
         self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._counts_changed = False
         ops = _Ops(self)
         for name, delta in changed.items():
             ops.call(lambda pipe, name=name, delta=delta: pipe.hincrby(self._stats_key, name, delta))
         try:
             ops.run()
         except RedisError as error:
-            # Telemetry only: the data is stored; the counters drift by these deltas.
-            log.warning("store counters not updated (%s): %s", error, changed)
+            # Telemetry only, and Redis is failing the data calls too (the store
+            # actor logs that): kept for the next flush.
+            log.debug("store counters not updated (%s): %s", error, changed)
+            for name, delta in changed.items():
+                self._counts[name] += delta
 
 
 class _Ops:
@@ -989,6 +1110,8 @@ class _Ops:
                 script, keys, args = call
                 try:
                     results[i] = script(keys=keys, args=args)
+                except UNANSWERED:
+                    raise  # no answer: for the whole pipeline, as it would have been
                 except RedisError as error:
                     results[i] = error
         self.results = results

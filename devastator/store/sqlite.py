@@ -2,12 +2,18 @@
 
 Tables: users, devices, messages (one row per recipient's mailbox entry, its
 ``seq`` the acceptance order), pending (which device still waits for which
-mailbox entry), sends (the ``cid`` idempotency records) and removals (the
-devices removed lately, which running servers poll). A message is retired
+mailbox entry), sends (the ``cid`` idempotency records), removals (the
+devices removed lately, which running servers poll) and counts (the rows of
+users, devices, messages and pending, kept by every transaction that changes
+them, so that telemetry never counts over a table). A message is retired
 when no pending row points at it any more, or when it expires.
+
+A batch is one transaction: all of its calls commit, or none (``all_or_nothing``).
 """
 from __future__ import annotations
 
+import os
+import contextlib
 import secrets
 import sqlite3
 from pathlib import Path
@@ -21,6 +27,7 @@ from .base import (
     PushTarget,
     RemovedDevices,
     StoredMessage,
+    StoreError,
     UnknownDeviceError,
     UnknownUserError,
 )
@@ -72,7 +79,13 @@ CREATE TABLE IF NOT EXISTS removals (
     device TEXT NOT NULL,
     ts INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS counts (
+    name TEXT PRIMARY KEY,          -- one of COUNTED
+    n INTEGER NOT NULL
+) WITHOUT ROWID;
 """
+# The tables whose rows ``counts`` keeps (and stats() reports).
+COUNTED = ("users", "devices", "messages", "pending")
 # Columns added after a table was first created: (table, column, declaration).
 LATER_COLUMNS = (
     ("devices", "registration", "TEXT"),
@@ -86,11 +99,14 @@ REMOVALS_KEPT_MS = 24 * 3600 * 1000
 REGISTRATION_BYTES = 12
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+DATABASE_FILE_MODE = 0o600  # the messages: for the server's user only
 KNOWN_USERS_KEPT = 100_000
 
 
 class SqliteStore:
     """The Store interface on one SQLite database file."""
+
+    all_or_nothing = True
 
     def __init__(self, path: Path | str, *, synchronous: str = "FULL", busy_timeout_ms: int = 5000):
         if synchronous not in SYNCHRONOUS_MODES:
@@ -103,13 +119,21 @@ class SqliteStore:
         self._transaction = _Transaction(self)
         self._ids = MessageIds()
         # Users are never removed while the store is open, so "exists" can be kept
-        # (bounded: forgotten wholesale when it grows large).
+        # (bounded: forgotten wholesale when it grows large, and when a transaction
+        # that may have added one rolls back).
         self._known_users: set[str] = set()
+        # Rows added (or removed, < 0) by the open transaction, per COUNTED table:
+        # written to ``counts`` in the same transaction, just before it commits.
+        self._deltas = dict.fromkeys(COUNTED, 0)
 
     # -- lifecycle -----------------------------------------------------------
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Made private before SQLite opens it (it would make it 0644): its -wal and -shm take its mode.
+        # Only a new file: closing a descriptor of an open database drops this process's locks on it.
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, DATABASE_FILE_MODE))
         db = self._connect()
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA foreign_keys = OFF")
@@ -124,6 +148,7 @@ class SqliteStore:
             if column not in columns:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
         db.executescript(LATER_INDEXES)
+        _count_once(db)
         self._db = db
         self._checkpointer = self._connect()
 
@@ -153,6 +178,10 @@ class SqliteStore:
 
     def batch(self) -> _Transaction:
         return self._transaction
+
+    def _count(self, table: str, rows: int) -> None:
+        """``rows`` rows added to (or removed from) ``table`` in the open transaction."""
+        self._deltas[table] += rows
 
     @property
     def _conn(self) -> sqlite3.Connection:
@@ -202,11 +231,13 @@ class SqliteStore:
                     (message_id, sender, recipient, message_json, now_ms, expires),
                 )
                 seq = cursor.lastrowid
-                db.execute(
+                waiting = db.execute(
                     "INSERT INTO pending (user, device, seq)"
                     " SELECT user, device, ? FROM devices WHERE user = ?",
                     (seq, recipient),
-                )
+                ).rowcount
+                self._count("messages", 1)
+                self._count("pending", waiting)
                 stored.append(
                     StoredMessage(seq, message_id, sender, recipient, message_json, now_ms, expires)
                 )
@@ -243,11 +274,12 @@ class SqliteStore:
                     "UPDATE devices SET attached = ? WHERE user = ? AND device = ?", (now_ms, user, device)
                 )
                 # A device's first authentication: it gets what is still stored for its user.
-                db.execute(
+                copied = db.execute(
                     "INSERT OR IGNORE INTO pending (user, device, seq)"
                     " SELECT ?, ?, seq FROM messages WHERE recipient = ? AND expires > ?",
                     (user, device, user, now_ms),
-                )
+                ).rowcount
+                self._count("pending", copied)
             (count,) = db.execute(
                 "SELECT count(*) FROM pending p JOIN messages m ON m.seq = p.seq"
                 " WHERE p.user = ? AND p.device = ? AND m.expires > ?",
@@ -273,24 +305,28 @@ class SqliteStore:
     def ack(self, user: str, device: str, seqs: Sequence[int]) -> None:
         db = self._conn
         with self.batch():
-            db.executemany(
+            done = db.executemany(
                 "DELETE FROM pending WHERE user = ? AND device = ? AND seq = ?",
                 [(user, device, seq) for seq in seqs],
-            )
-            db.executemany(
+            ).rowcount
+            retired = db.executemany(
                 "DELETE FROM messages WHERE seq = ?"
                 " AND NOT EXISTS (SELECT 1 FROM pending WHERE pending.seq = ?)",
                 [(seq, seq) for seq in seqs],
-            )
+            ).rowcount
+            self._count("pending", -done)
+            self._count("messages", -retired)
 
     def purge_expired(self, now_ms: int) -> int:
         db = self._conn
         with self.batch():
-            db.execute(
+            dropped = db.execute(
                 "DELETE FROM pending WHERE seq IN (SELECT seq FROM messages WHERE expires <= ?)",
                 (now_ms,),
-            )
+            ).rowcount
             purged = db.execute("DELETE FROM messages WHERE expires <= ?", (now_ms,)).rowcount
+            self._count("pending", -dropped)
+            self._count("messages", -purged)
             db.execute("DELETE FROM sends WHERE expires <= ?", (now_ms,))
             # Keep the newest removal row: its id is the cursor pollers resume from.
             db.execute(
@@ -306,6 +342,7 @@ class SqliteStore:
             created = self._conn.execute(
                 "INSERT OR IGNORE INTO users (id, created) VALUES (?, ?)", (user, now_ms)
             ).rowcount == 1
+            self._count("users", int(created))
         return created
 
     def add_device(self, user: str, device: str, now_ms: int) -> str:
@@ -324,6 +361,7 @@ class SqliteStore:
                 " ON CONFLICT (user, device) DO UPDATE SET registration = excluded.registration",
                 (user, device, now_ms, registration),
             )
+            self._count("devices", int(row is None))  # else a device from before registrations
         return registration
 
     def remove_device(self, user: str, device: str, now_ms: int) -> bool:
@@ -337,12 +375,15 @@ class SqliteStore:
                 for row in db.execute("SELECT seq FROM pending WHERE user = ? AND device = ?", (user, device))
             ]
             db.execute("DELETE FROM pending WHERE user = ? AND device = ?", (user, device))
+            self._count("devices", -1)
+            self._count("pending", -len(seqs))
             if db.execute("SELECT 1 FROM devices WHERE user = ? LIMIT 1", (user,)).fetchone() is not None:
-                db.executemany(
+                retired = db.executemany(
                     "DELETE FROM messages WHERE seq = ?"
                     " AND NOT EXISTS (SELECT 1 FROM pending WHERE pending.seq = ?)",
                     [(seq, seq) for seq in seqs],
-                )
+                ).rowcount
+                self._count("messages", -retired)
         return True
 
     def set_push_token(self, user: str, device: str, platform: str, token: str) -> bool:
@@ -395,17 +436,17 @@ class SqliteStore:
     def expire_user(self, user: str, now_ms: int) -> int:
         db = self._conn
         with self.batch():
-            db.execute(
+            dropped = db.execute(
                 "DELETE FROM pending WHERE seq IN (SELECT seq FROM messages WHERE recipient = ?)", (user,)
-            )
-            return db.execute("DELETE FROM messages WHERE recipient = ?", (user,)).rowcount
+            ).rowcount
+            expired = db.execute("DELETE FROM messages WHERE recipient = ?", (user,)).rowcount
+            self._count("pending", -dropped)
+            self._count("messages", -expired)
+        return expired
 
     def stats(self) -> dict[str, int]:
-        db = self._conn
-        return {
-            table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # our own table names
-            for table in ("users", "devices", "messages", "pending")
-        }
+        counts = dict(self._conn.execute("SELECT name, n FROM counts"))
+        return {table: counts[table] + self._deltas[table] for table in COUNTED}
 
     def has_user(self, user: str) -> bool:
         return self._user_exists(user)
@@ -434,8 +475,28 @@ class SqliteStore:
         return True
 
 
+def _count_once(db: sqlite3.Connection) -> None:
+    """Fill ``counts`` for a database made before it existed: the one time its tables are counted."""
+    if db.execute("SELECT count(*) FROM counts").fetchone()[0] == len(COUNTED):
+        return  # the usual case: no write lock taken at open
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        known = {name for (name,) in db.execute("SELECT name FROM counts")}  # another process may have filled it
+        for table in COUNTED:
+            if table not in known:
+                db.execute(f"INSERT INTO counts (name, n) SELECT ?, count(*) FROM {table}", (table,))  # ours
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
 class _Transaction:
-    """One SQLite transaction; entered again inside itself, the outermost one commits."""
+    """One SQLite transaction; entered again inside itself, the outermost one commits.
+
+    SQLite's own errors leave it as a StoreError (the database, not the
+    caller, failed: a full disk, a lock held too long), the transaction rolled back.
+    """
 
     __slots__ = ("_store", "_depth")
 
@@ -445,10 +506,37 @@ class _Transaction:
 
     def __enter__(self) -> None:
         if self._depth == 0:
-            self._store._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._store._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as error:
+                raise StoreError(f"SQLite could not begin a transaction: {error}") from error
         self._depth += 1
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         self._depth -= 1
-        if self._depth == 0:
-            self._store._conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        if self._depth:
+            return
+        store = self._store
+        db = store._conn
+        if exc_type is None:
+            try:
+                changed = [(rows, table) for table, rows in store._deltas.items() if rows]
+                if changed:
+                    db.executemany("UPDATE counts SET n = n + ? WHERE name = ?", changed)
+                db.execute("COMMIT")
+            except sqlite3.Error as error:
+                self._roll_back()
+                raise StoreError(f"SQLite could not commit: {error}") from error
+            store._deltas = dict.fromkeys(COUNTED, 0)
+            return
+        self._roll_back()
+        if isinstance(exc, sqlite3.Error):
+            raise StoreError(f"SQLite failed: {exc}") from exc
+
+    def _roll_back(self) -> None:
+        store = self._store
+        # After some errors (a full disk, I/O) SQLite has rolled back already.
+        with contextlib.suppress(sqlite3.OperationalError):
+            store._conn.execute("ROLLBACK")
+        store._deltas = dict.fromkeys(COUNTED, 0)
+        store._known_users.clear()  # a user added in the transaction may have been remembered

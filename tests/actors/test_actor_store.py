@@ -1,9 +1,17 @@
-"""Tests of the store actor on a real SQLite file: group commit, answers, errors."""
+"""Tests of the store actor on a real SQLite file and a real Redis: group commit, answers, errors.
+
+A store failing in the middle of a group is answered truthfully: on SQLite
+(one transaction) every request of the group fails and nothing is stored; on
+Redis what landed is answered and committed, what did not is an error, and
+what Redis did not answer asks for a recheck of its recipients.
+"""
 from __future__ import annotations
 
+import sqlite3
 import time
 
 import pytest
+import redis
 
 from devastator.actors import StoreActor
 from devastator.actors.messages import (
@@ -22,7 +30,14 @@ from devastator.actors.messages import (
     SendResults,
 )
 from devastator.protocol.errors import FORBIDDEN, INTERNAL_ERROR, UNKNOWN_RECIPIENT
-from devastator.store import SqliteStore
+from devastator.store import RedisStore, SqliteStore, StoreUnavailableError
+from redis_server import (  # noqa: F401 (fixtures)
+    RedisServer,
+    ReplyCutter,
+    new_redis_store,
+    redis_server,
+    require_redis_server,
+)
 
 from actor_fakes import Recorder
 
@@ -302,3 +317,181 @@ def test_an_inspect_behind_appends_does_not_hold_them_back(start_store, sender, 
 
     assert sorted(results(sender, 2)) == [1, 2]
     counters.get(timeout=2)
+
+
+# -- a store failing in the middle of a group ----------------------------------------------------
+
+POSITIONS = {"first": 0, "middle": 1, "last": 2}
+
+
+def group_with_a_failure(at: int, sender, router, *, key0: int = 1):
+    """Three sends with cids, to alice, bob and carol, the one at ``at`` the message "boom"."""
+    return [
+        append(key0 + n, sender, router, to=(user,), body=b'"boom"' if n == at else None, cid=f"c-{n}")
+        for n, user in enumerate(("alice", "bob", "carol"))
+    ]
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_on_sqlite_a_failure_mid_group_fails_the_whole_group_and_a_retry_stores_each_once(
+    db_path, start_store, sender, router, position, caplog
+):
+    db = sqlite3.connect(db_path)
+    db.execute(  # SQLite itself refusing one statement of the transaction, as a full disk would
+        "CREATE TRIGGER boom BEFORE INSERT ON messages WHEN CAST(NEW.body AS TEXT) = '\"boom\"'"
+        " BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+    )
+    db.commit()
+    store = start_store()
+    for request in group_with_a_failure(POSITIONS[position], sender, router):
+        store.tell(request)
+
+    by_key = results(sender, 3)
+    assert {key: (r.id, r.error.code) for key, r in by_key.items()} == {k: (None, INTERNAL_ERROR) for k in (1, 2, 3)}
+    assert all("not stored" in r.error.message for r in by_key.values())  # one transaction: none of it was
+    assert router.drain() == []
+    assert store.ask(Inspect("stats"))["messages"] == 0
+    assert [r.levelname for r in caplog.records if r.name == "devastator.actors.store"] == ["ERROR"]
+
+    db.execute("DROP TRIGGER boom")  # the disk has room again
+    db.commit()
+    db.close()
+    for request in group_with_a_failure(-1, sender, router, key0=11):
+        store.tell(request)
+    retried = results(sender, 3)
+    assert all(r.error is None for r in retried.values())
+    assert [m.id for m in committed(router, 3)] == [retried[k].id for k in (11, 12, 13)]
+    assert store.ask(Inspect("stats"))["messages"] == 3
+    assert caplog.records[-1].message.startswith("the message store is answering again")
+
+
+# -- on Redis: each request its own outcome --------------------------------------------------------
+
+@pytest.fixture
+def redis_store(new_redis_store):
+    """A Redis store (not open) where alice (device "phone"), bob and carol exist."""
+    store = new_redis_store()
+    store.open()
+    for user in ("alice", "bob", "carol"):
+        store.add_user(user, int(time.time() * 1000))
+    store.add_device("alice", "phone", int(time.time() * 1000))
+    store.close()
+    return store
+
+
+@pytest.fixture
+def raw(redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+def start_on(store, **options):
+    ref = StoreActor.start(store=store, **options)
+    ref.ask(Inspect())  # open and idle: what is told next arrives together
+    return ref
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_on_redis_what_landed_is_answered_and_committed_and_what_did_not_is_an_error(
+    redis_store, raw, sender, router, position
+):
+    at = POSITIONS[position]
+    failing = ("alice", "bob", "carol")[at]
+    raw.set(redis_store._user_key(failing, "msgs"), b"broken")  # its script fails, the others' run
+    store = start_on(redis_store)
+    for request in group_with_a_failure(at, sender, router):
+        store.tell(request)
+
+    by_key = results(sender, 3)
+    for n, key in enumerate((1, 2, 3)):
+        if n == at:
+            assert (by_key[key].id, by_key[key].error.code) == (None, INTERNAL_ERROR)
+            assert "same cid" in by_key[key].error.message
+        else:
+            assert by_key[key].error is None
+    told = router.next(Committed)
+    assert [m.id for m in told.messages] == [by_key[k].id for k in (1, 2, 3) if by_key[k].error is None]
+    assert told.recheck == (failing,)  # its script may have run half-way: its mailbox is read again
+    assert store.ask(Inspect("stats"))["messages"] == 2
+
+    raw.delete(redis_store._user_key(failing, "msgs"))
+    for request in group_with_a_failure(-1, sender, router, key0=11):  # the client retries all three
+        store.tell(request)
+    retried = results(sender, 3)
+    for n, key in enumerate((11, 12, 13)):
+        assert retried[key].error is None
+        if n != at:
+            assert retried[key].id == by_key[key - 10].id  # the same answer as the first time
+    retold = router.next(Committed)
+    assert [m.recipient for m in retold.messages] == [failing]
+    assert store.ask(Inspect("stats"))["messages"] == 3  # each stored once
+
+
+@pytest.fixture
+def cutter(redis_server):
+    proxy = ReplyCutter(redis_server.port).start()
+    yield proxy
+    proxy.stop()
+
+
+def test_on_redis_a_group_redis_did_not_answer_asks_for_a_recheck_and_the_rest_waits_a_moment(
+    redis_store, sender, router, cutter, caplog
+):
+    cut = RedisStore(cutter.url, prefix=redis_store.prefix)
+    store = start_on(cut, retry_interval=60.0)
+    user = Recorder("user")
+    store.tell(append(1, sender, router, to=("alice", "bob")))
+    store.ask(Inspect())  # alice and bob known to the store now
+    router.next(Committed)
+    results(sender, 1)
+
+    cutter.arm()
+    store.tell(append(2, sender, router, to=("alice", "bob")))
+    store.tell(append(3, sender, router, to=("carol",), cid="c-3"))
+    store.tell(LoadPending("alice", "phone", 0, 10, user.ref))
+    by_key = results(sender, 2)
+    cutter.armed = False
+    assert (by_key[2].error.code, by_key[3].error.code) == (INTERNAL_ERROR, INTERNAL_ERROR)
+    assert "may have been stored" in by_key[2].error.message
+    assert "not stored" in by_key[3].error.message  # not tried: Redis had stopped answering
+    assert router.next(Committed) == Committed((), (), recheck=("alice", "bob"))
+    assert user.next(PendingLoaded).failed
+    assert cutter.cut == 1
+
+    # Within the retry interval, a new group is answered at once, without a try.
+    store.tell(LoadPending("alice", "phone", 0, 10, user.ref))
+    assert user.next(PendingLoaded).failed
+    assert "the message store has been failing" in store.ask(Inspect("health"))["failing"]
+    with pytest.raises(StoreUnavailableError):
+        store.ask(Inspect("stats"))
+    assert cutter.cut == 1
+    store_records = [r for r in caplog.records if r.name == "devastator.actors.store"]
+    assert [(r.levelname, r.exc_info) for r in store_records] == [("ERROR", None)]
+
+
+def test_on_redis_an_outage_is_logged_when_it_starts_and_when_it_ends(tmp_path, sender, router, caplog):
+    require_redis_server()
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        redis_store = RedisStore(server.url)
+        store = start_on(redis_store, retry_interval=0.0)
+        store.tell(Register("alice", "phone", 1, sender.ref))
+        sender.next(Registered)
+        server.kill()
+        for key in range(10, 15):  # one group after another, each failing
+            store.tell(append(key, sender, router))
+            assert results(sender, 1)[key].error.code == INTERNAL_ERROR
+        assert "Redis did not answer" in store.ask(Inspect("health"))["failing"]
+        server.start()
+        store.tell(append(20, sender, router))
+        assert results(sender, 1)[20].error is None
+        assert store.ask(Inspect("health")) == {"failing": None}
+    finally:
+        server.stop()
+    lines = [(r.levelname, r.getMessage(), r.exc_info) for r in caplog.records if r.name == "devastator.actors.store"]
+    assert len(lines) == 2, lines
+    (started, ended) = lines
+    assert started[0] == "ERROR" and "the message store is failing: Redis did not answer" in started[1]
+    assert ended[0] == "WARNING" and "answering again" in ended[1] and "commits 5, requests 5" in ended[1]
+    assert started[2] is None and ended[2] is None  # no traceback
