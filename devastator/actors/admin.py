@@ -39,6 +39,7 @@ from .messages import (
     UserExpired,
     Watch,
     WatchEvent,
+    tell_if_alive,
 )
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,11 @@ class AdminActor(pykka.ThreadingActor):
 
     def on_stop(self) -> None:
         for user in self._watching:
-            self._router.tell(Unwatch(user, self.actor_ref))
+            tell_if_alive(self._router, Unwatch(user, self.actor_ref))  # the router stops after us at shutdown
         self._connection.close()
+
+    def on_failure(self, exception_type, exception_value, traceback) -> None:
+        self.on_stop()  # the console is disconnected, the server goes on
 
     def on_receive(self, message):
         if isinstance(message, Received):
@@ -102,7 +106,7 @@ class AdminActor(pykka.ThreadingActor):
             user = self._expiring.pop(message.request_key, None)
             live = self._user_actor(user) if user else None
             if live is not None:
-                live.tell(ForgetInFlight())
+                tell_if_alive(live, ForgetInFlight())  # it may have gone idle meanwhile
             self._answer(self._waiting.pop(message.request_key, None), {"expired": message.count})
         elif isinstance(message, WatchEvent):
             self._on_watch_event(message)

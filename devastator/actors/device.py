@@ -12,12 +12,13 @@ import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Container, Protocol, Sequence
 
 import orjson
 import pykka
 
 from .. import protocol
+from ..admission import ConnectionAdmission
 from ..identity import DeviceIdentity
 from ..telemetry import Telemetry
 from ..protocol import (
@@ -62,6 +63,8 @@ from .messages import (
     Revoked,
     SendResults,
     SetPushToken,
+    UserActorFailed,
+    tell_if_alive,
 )
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,9 @@ CLOSE_INTERNAL_ERROR = 1011
 CLOSE_OVERLOADED = 1013
 CLOSE_REPLACED = 4001
 CLOSE_REVOKED = 4002
+
+# -32003 for a bound of the connection's own: its sends are answered within a commit or two.
+RETRY_AFTER_ANSWERS_MS = 100
 
 
 class Outbound(Protocol):
@@ -154,18 +160,22 @@ class DeviceActor(pykka.ThreadingActor):
         registrar: Registrar,
         auth_log: AuthLog,
         limits: DeviceLimits,
-        push_platforms: frozenset[str] = frozenset(),
+        push_platforms: Container[str] = frozenset(),
         telemetry: Telemetry | None = None,
+        admission: ConnectionAdmission | None = None,
     ):
         super().__init__()
         self._connection = connection
+        # Asked before a msg.send or one more connection of a user is taken on (admission.py).
+        self._admission = admission if admission is not None else ConnectionAdmission.unlimited()
+        self._pause_reads: Callable[[float], None] | None = None  # the transport's, from its last read
         self._router = router
         self._store = store
         self._authority = authority
         self._registrar = registrar
         self._auth_log = auth_log
         self._limits = limits
-        self._push_platforms = push_platforms  # those with a provider configured
+        self._push_platforms = push_platforms  # those whose provider runs (push.PushPlatforms)
         self._telemetry = telemetry or Telemetry()
         self._keys = itertools.count(1)
         self._echo_ids = itertools.count(1)
@@ -191,15 +201,26 @@ class DeviceActor(pykka.ThreadingActor):
             self._telemetry.devices_authenticated -= 1
         self._connection.close(CLOSE_NORMAL, "closed by the server")
 
+    def on_failure(self, exception_type, exception_value, traceback) -> None:
+        # Cleaned up as on a stop, so that the router's counts stay true; the answers
+        # made already go out, then the client reconnects (1011) and gets the rest.
+        self._telemetry.actor_failures[type(self).__name__] += 1
+        self._announce_offline()
+        if self.user is not None:
+            self._telemetry.devices_authenticated -= 1
+        self._close(CLOSE_INTERNAL_ERROR, "internal error: reconnect")
+
     def on_receive(self, message):
         if isinstance(message, Received):
             if message.taken is not None:
                 message.taken()
+            self._pause_reads = message.pause
             if self._authenticating:
                 self._hold(message)
             else:
                 self._on_received(message)
         elif isinstance(message, SendResults):
+            self._admission.answered(len(message.results))
             for result in message.results:
                 self._pending_sends -= 1
                 if result.error is not None:
@@ -224,6 +245,8 @@ class DeviceActor(pykka.ThreadingActor):
             self._close(CLOSE_REVOKED, "credentials revoked: the device was removed")
         elif isinstance(message, Kicked):
             self._close(CLOSE_NORMAL, "closed by an operator")
+        elif isinstance(message, UserActorFailed):
+            self._close(CLOSE_INTERNAL_ERROR, "internal error: reconnect")
         elif isinstance(message, ConnectionLost):
             self._on_connection_lost()
         elif isinstance(message, Inspect):
@@ -238,7 +261,8 @@ class DeviceActor(pykka.ThreadingActor):
         # A client may pipeline requests behind its auth.*: they wait for its answer.
         self._held.append(received)
         if len(self._held) > self._limits.max_pending_requests:
-            self._fail_connection(Overloaded("too many requests while authenticating"), CLOSE_OVERLOADED)
+            self._fail_connection(Overloaded("too many requests while authenticating",
+                                             retry_after_ms=RETRY_AFTER_ANSWERS_MS), CLOSE_OVERLOADED)
 
     def _release_held(self) -> None:
         while self._held and not self._authenticating and not self._closed:
@@ -272,7 +296,8 @@ class DeviceActor(pykka.ThreadingActor):
             else:
                 self._handle(incoming, None, acked)
         if acked and self._user_ref is not None:
-            self._user_ref.tell(Acked(self.device, self.actor_ref, tuple(acked)))
+            # A failed user actor tells this connection to close: those deliveries come again.
+            tell_if_alive(self._user_ref, Acked(self.device, self.actor_ref, tuple(acked)))
         if violation is not None and not self._closed:
             if violation.error is not None:
                 self._out.append(encode(self._error_response(violation.error)))
@@ -373,6 +398,13 @@ class DeviceActor(pykka.ThreadingActor):
         self._go_online(identity, registered.request_key)
 
     def _go_online(self, identity: DeviceIdentity, key: int) -> None:
+        refusal = self._admission.claim(identity.user, identity.device)
+        if refusal is not None:  # the user has as many connections as allowed: -32003, then 1013
+            self._auth_log.warning("auth: a user has as many connections as allowed", "auth refused for %s: %s",
+                                   self._connection.remote, refusal.message)
+            self._auth_failed(key, refusal)
+            self._close(CLOSE_OVERLOADED, refusal.message)
+            return
         self._authenticating = True
         self._announced = (identity.user, identity.device)
         self._router.tell(DeviceOnline(identity.user, identity.device, identity.registration, self.actor_ref, key))
@@ -407,14 +439,21 @@ class DeviceActor(pykka.ThreadingActor):
         )
 
     def _send(self, params, request_id, notification, batch) -> None:
+        refusal = self._admission.admit_send()  # before any work is spent on it
+        if refusal is not None:
+            if self._pause_reads is not None:  # what the client sends before then waits, unread
+                self._pause_reads(refusal.retry_after_ms / 1000)
+            raise refusal
         send = protocol.parse_send(params, self._limits.message_limits)
         if self._pending_sends >= self._limits.max_pending_requests:
-            raise Overloaded(f"more than {self._limits.max_pending_requests} sends awaiting their answer")
+            raise Overloaded(f"more than {self._limits.max_pending_requests} sends awaiting their answer",
+                             retry_after_ms=RETRY_AFTER_ANSWERS_MS)
         self._pending_sends += 1
         key = self._wait(request_id, notification, batch)
         self._store.tell(
             Append(self.user, send.to, send.message_json, send.cid, send.ttl, key, self.actor_ref, self._router)
         )
+        self._admission.sent()
 
     # -- answering -------------------------------------------------------------------
 
@@ -515,5 +554,6 @@ class DeviceActor(pykka.ThreadingActor):
         if self._announced is not None:
             user, device = self._announced
             self._announced = None
-            self._router.tell(DeviceOffline(user, device, self.actor_ref))
+            self._admission.release()
+            tell_if_alive(self._router, DeviceOffline(user, device, self.actor_ref))
 

@@ -11,6 +11,13 @@ Payloads carry no message content unless the operator turned ``content`` on:
 then the newest message goes along as a preview, through Apple or Google.
 
 It starts the provider actors (it is their token sink) and stops them. A
+provider is optional: one that dies (at its start or later; pykka logs why)
+is logged once, counted in ``actor_failures``, and its platform is turned off
+until the server restarts (``push.register`` for it answers -32602, its
+devices are not pushed to, their messages wait in the store). Its settings
+passed the checks at start, so what killed it is a bug or a broken
+environment, which a restart loop would only repeat; off, the answer to
+``push.register`` stays true and the failure stays visible. A
 message a device sends upstream through GCM CCS is stored as a ``msg.send``
 from that device's user: ``data.to`` names the recipient, ``data.message``
 holds the message as JSON text, and the upstream message id is the ``cid``,
@@ -25,13 +32,16 @@ from collections.abc import Callable, Mapping
 
 import orjson
 import pykka
+from gevent.pool import Group
 
 from .. import protocol
 from ..protocol.errors import RpcError
-from ..push import PushRequest, PushTokenRejected, UpstreamMessage
+from ..push import PushPlatforms, PushRequest, PushTokenRejected, UpstreamMessage
 from ..store import PushTarget
+from ..telemetry import Telemetry
 from .messages import (
     Append,
+    ChildStopped,
     DeviceReachable,
     FindPushDevice,
     Inspect,
@@ -39,7 +49,9 @@ from .messages import (
     RemovePushToken,
     SendResults,
     WakeDevices,
+    tell_if_alive,
 )
+from .supervision import watch
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +96,16 @@ class PushDispatcherActor(pykka.ThreadingActor):
         message_limits: protocol.Limits = protocol.Limits(),
         coordination=None,
         clock: Callable[[], float] = time.monotonic,
+        platforms: PushPlatforms | None = None,
+        telemetry: Telemetry | None = None,
     ):
         super().__init__()
         self._start_providers = start_providers
         self._providers: dict[str, pykka.ActorRef] = {}
+        # Shared with the device actors: a platform whose provider died is turned off here.
+        self._platforms = PushPlatforms(start_providers) if platforms is None else platforms
+        self._telemetry = telemetry or Telemetry()
+        self._watchers = Group()  # one greenlet per provider, waiting for it to stop
         self._store = store
         self._router = router
         self._message_limits = message_limits
@@ -103,9 +121,20 @@ class PushDispatcherActor(pykka.ThreadingActor):
 
     def on_start(self) -> None:
         # The providers tell their dead tokens and upstream messages to us.
-        self._providers = {platform: start(self.actor_ref) for platform, start in self._start_providers.items()}
+        for platform, start in self._start_providers.items():
+            try:
+                provider = start(self.actor_ref)
+            except Exception:  # its constructor: a bug, or what its settings check missed
+                log.exception("push provider %s could not be created", platform)
+                self._turn_off(platform)
+                continue
+            self._providers[platform] = provider
+            watch(self._watchers, provider,
+                  lambda platform=platform, provider=provider: tell_if_alive(
+                      self.actor_ref, ChildStopped(platform, provider)))
 
     def on_stop(self) -> None:
+        self._watchers.kill()  # the stops below are ours, not failures
         for provider in self._providers.values():
             provider.stop()
 
@@ -130,9 +159,25 @@ class PushDispatcherActor(pykka.ThreadingActor):
             for result in message.results:
                 if result.error is not None:
                     log.debug("an upstream message was refused: %s", result.error.message)
+        elif isinstance(message, ChildStopped):
+            self._provider_stopped(message.name, message.ref)
         elif isinstance(message, Inspect):
             return {"providers": sorted(self._providers), "pushes": self.pushes, "waiting": len(self._since_push)}
         return None
+
+    def _provider_stopped(self, platform: str, provider: pykka.ActorRef) -> None:
+        """A provider we did not stop is dead (its watcher or a failed tell says so): its platform goes off."""
+        if self._providers.get(platform) != provider:
+            return  # told twice: by its watcher and by a tell that failed
+        del self._providers[platform]
+        self._telemetry.actor_failures[provider.actor_class.__name__] += 1
+        self._turn_off(platform)
+
+    def _turn_off(self, platform: str) -> None:
+        self._platforms.turn_off(platform)
+        log.error("push provider %s failed: pushes to %s devices are off until the server restarts, "
+                  "push.register for %s answers -32602; their messages wait in the store", platform,
+                  platform, platform)
 
     def _wake(self, wake: WakeDevices) -> None:
         for target, newest in wake.targets:
@@ -151,8 +196,10 @@ class PushDispatcherActor(pykka.ThreadingActor):
                 pending=self._since_push.pop(key),
                 preview=newest.message_json if self._content else None,
             )
-            self.pushes += 1
-            provider.tell(request)
+            if tell_if_alive(provider, request):
+                self.pushes += 1
+            else:
+                self._provider_stopped(target.platform, provider)
 
     def _on_rejected(self, rejected: PushTokenRejected) -> None:
         log.debug("%s token of %s/%s rejected (%s): removing it", rejected.platform, rejected.user,

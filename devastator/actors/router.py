@@ -8,6 +8,12 @@ which is what lets the router know when a user actor is idle without asking it.
 It also polls the store for removed devices (an operator may remove one from
 another process) and has their connections closed, and tells the push
 dispatcher which devices a new message found offline.
+
+A user actor that fails closes its connections (see UserActor.on_failure);
+the router finds it dead at its next tell and starts a fresh one if devices or
+watchers still count on the user, so its counts of connections stay true. The
+push dispatcher and the cluster actor are core: the launcher watches them and
+exits the server when one dies, so a failed tell to them is only skipped here.
 """
 from __future__ import annotations
 
@@ -48,7 +54,7 @@ class _LiveUser:
     ref: pykka.ActorRef
     devices: Counter = field(default_factory=Counter)  # device id -> connections announced online
     idle_since: float = 0.0
-    watchers: int = 0  # consoles watching: the actor stays while they do
+    watchers: list = field(default_factory=list)  # consoles watching (admin actors): the actor stays while they do
 
     @property
     def online(self) -> int:
@@ -90,7 +96,7 @@ class RouterActor(pykka.ThreadingActor):
     def on_start(self) -> None:
         # The cursor of now: removals before this start closed no connection of ours.
         self._polling_removals = True
-        self._store.tell(PollRemovals(None, self.actor_ref))
+        tell_if_alive(self._store, PollRemovals(None, self.actor_ref))  # a store that failed to open: start fails
         if self._start_push is not None:
             self._push = self._start_push(self.actor_ref)
         if self._start_cluster is not None:
@@ -104,37 +110,40 @@ class RouterActor(pykka.ThreadingActor):
             if helper is not None:
                 helper.stop()
 
+    def on_failure(self, exception_type, exception_value, traceback) -> None:
+        # The launcher sees the router gone and exits the server; the children go first.
+        self.on_stop()
+
     def on_receive(self, message):
         if isinstance(message, Committed):
             self._route_committed(message)
         elif isinstance(message, DeviceOnline):
             live = self._live(message.user)
             live.devices[message.device] += 1
-            if live.devices[message.device] == 1 and self._cluster is not None:
-                self._cluster.tell(DevicePresent(message.user, message.device))
+            if live.devices[message.device] == 1:
+                _tell_helper(self._cluster, DevicePresent(message.user, message.device))
             self._tell_user(message.user, live, message)
-            if self._push is not None:
-                self._push.tell(DeviceReachable(message.user, message.device))
+            _tell_helper(self._push, DeviceReachable(message.user, message.device))
         elif isinstance(message, DeviceOffline):
             live = self._users.get(message.user)
             if live is not None:
                 live.devices[message.device] -= 1
                 if live.devices[message.device] <= 0:
                     del live.devices[message.device]
-                    if self._cluster is not None:
-                        self._cluster.tell(DeviceAbsent(message.user, message.device))
+                    _tell_helper(self._cluster, DeviceAbsent(message.user, message.device))
                 live.idle_since = self._now
                 self._tell_user(message.user, live, message)
         elif isinstance(message, Tick):
             self._tick(message)
         elif isinstance(message, Watch):
             live = self._live(message.user)
-            live.watchers += 1
+            live.watchers.append(message.watcher)
             self._tell_user(message.user, live, message)
         elif isinstance(message, Unwatch):
             live = self._users.get(message.user)
             if live is not None:
-                live.watchers = max(0, live.watchers - 1)
+                if message.watcher in live.watchers:
+                    live.watchers.remove(message.watcher)
                 live.idle_since = self._now
                 self._tell_user(message.user, live, message)
         elif isinstance(message, Poke):
@@ -146,6 +155,8 @@ class RouterActor(pykka.ThreadingActor):
         elif isinstance(message, DevicesRemoved):
             self._on_devices_removed(message)
         elif isinstance(message, Inspect):
+            if message.detail == "health":  # /healthz: cheap, whatever the number of users
+                return {"users": len(self._users)}
             if isinstance(message.detail, tuple) and message.detail[0] == "user":
                 live = self._users.get(message.detail[1])
                 return None if live is None else live.ref
@@ -160,8 +171,14 @@ class RouterActor(pykka.ThreadingActor):
                 by_user[stored.recipient].append(stored)
         for user, messages in by_user.items():
             self._tell_user(user, self._users[user], Committed(tuple(messages)))
+        for user in committed.recheck:
+            # The store could not tell whether a send landed for them: read past the cursors.
+            live = self._users.get(user)
+            if live is not None:
+                self._tell_user(user, live, Poke(None))
         if self._cluster is not None:
-            self._cluster.tell(Announce(tuple({stored.recipient for stored in committed.messages})))
+            users = {stored.recipient for stored in committed.messages} | set(committed.recheck)
+            _tell_helper(self._cluster, Announce(tuple(users)))
         if committed.push_targets and self._push is not None:
             offline = tuple(
                 (target, message)
@@ -169,7 +186,7 @@ class RouterActor(pykka.ThreadingActor):
                 if target.user not in self._users or target.device not in self._users[target.user].devices
             )
             if offline:
-                self._push.tell(WakeDevices(offline))
+                _tell_helper(self._push, WakeDevices(offline))
 
     def _tick(self, tick: Tick) -> None:
         self._now = tick.now
@@ -184,7 +201,7 @@ class RouterActor(pykka.ThreadingActor):
         for user, live in list(self._users.items()):
             if live.online > 0:
                 self._tell_user(user, live, tick)
-            elif live.watchers == 0 and tick.now - live.idle_since >= self._user_idle_timeout:
+            elif not live.watchers and tick.now - live.idle_since >= self._user_idle_timeout:
                 idle.append(user)
         for user in idle:
             # Messages already in its inbox are handled before it stops.
@@ -207,7 +224,22 @@ class RouterActor(pykka.ThreadingActor):
         return live
 
     def _tell_user(self, user: str, live: _LiveUser, message) -> None:
-        if not tell_if_alive(live.ref, message) and self._users.get(user) is live:
-            # It crashed (pykka logged why); its truth is in the store, so the
-            # next device coming online starts a fresh one.
-            del self._users[user]
+        if tell_if_alive(live.ref, message) or self._users.get(user) is not live:
+            return
+        # It failed (pykka logged why) and told its connections to close; its
+        # truth is in the store. The counts stay: those connections still say
+        # DeviceOffline when they close.
+        if not live.online and not live.watchers:
+            del self._users[user]  # the next device coming online starts a fresh one
+            return
+        log.info("user actor of %s failed: starting a fresh one", user)
+        live.ref = self._start_user(user)
+        for watcher in live.watchers:
+            tell_if_alive(live.ref, Watch(user, watcher))
+        tell_if_alive(live.ref, message)
+
+
+def _tell_helper(helper: pykka.ActorRef | None, message) -> None:
+    """Tell the push dispatcher or the cluster actor, if there is one; if it died, the launcher exits the server."""
+    if helper is not None:
+        tell_if_alive(helper, message)

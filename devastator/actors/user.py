@@ -7,6 +7,11 @@ lies beyond the cursor is read from the store page by page; a live message is
 sent at once only when the device has caught up with the store, so that every
 device gets its messages in acceptance order. Unacked deliveries are sent again
 after the ACK timeout; expired ones are dropped.
+
+If it fails (an exception pykka logs), its connections close with 1011 and
+their clients reconnect: a connection attached to a dead user actor would get
+nothing more. Their device actors still tell the router DeviceOffline, which
+keeps its counts true, and the next connection gets a fresh user actor.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ from .messages import (
     Revoked,
     Tick,
     Unwatch,
+    UserActorFailed,
     Watch,
     WatchEvent,
     tell_if_alive,
@@ -100,6 +106,12 @@ class UserActor(pykka.ThreadingActor):
         # Connections whose credentials the store is checking: device actor -> device id.
         self._attaching: dict[pykka.ActorRef, str] = {}
         self._watchers: set[pykka.ActorRef] = set()  # operators' consoles watching this user
+
+    def on_failure(self, exception_type, exception_value, traceback) -> None:
+        self._telemetry.actor_failures[type(self).__name__] += 1
+        connections = {slot.ref for slot in self._devices.values()} | set(self._attaching)
+        for connection in connections:
+            tell_if_alive(connection, UserActorFailed())
 
     def on_receive(self, message):
         if isinstance(message, Committed):

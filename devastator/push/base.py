@@ -7,9 +7,15 @@ content through Apple or Google (``preview``). A provider tells its
 ``token_sink`` a ``PushTokenRejected`` when the platform says a token is no
 longer valid, so that the token is removed from its device, and counts what
 happened in its ``PushCounters``.
+
+A provider is optional: when its actor dies (in ``on_start`` or later), the
+dispatcher turns its platform off in the ``PushPlatforms`` the device actors
+read, so that ``push.register`` for it answers -32602 until the server
+restarts, and the rest of the server goes on.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -66,3 +72,26 @@ class PushCounters:
             "tokens_removed": self.tokens_removed,
             "retried": self.retried,
         }
+
+
+class PushPlatforms:
+    """The platforms whose provider runs now: ``push.register`` for any other answers -32602.
+
+    Made by the launcher from the configured providers, read by device actors
+    (``platform in platforms``) and metrics, and changed only by the push
+    dispatcher when a provider dies. Everything runs in one OS thread, so no lock.
+    """
+
+    def __init__(self, configured: Iterable[str] = ()):
+        self.configured = frozenset(configured)
+        self._running = set(self.configured)
+
+    def __contains__(self, platform: object) -> bool:
+        return platform in self._running
+
+    def turn_off(self, platform: str) -> None:
+        self._running.discard(platform)
+
+    def running(self) -> dict[str, bool]:
+        """Each configured platform, and whether its provider runs."""
+        return {platform: platform in self._running for platform in sorted(self.configured)}

@@ -2,8 +2,10 @@
 
 A provider whose credentials are not set is not started, and ``push.register``
 for its platform answers -32602. A provider that is set up wrong (a missing
-key file, a malformed service account) stops the server's start with a
-``SettingsError`` naming the setting, rather than failing at the first push.
+key file, a malformed certificate or service account) stops the server's
+start with a ``SettingsError`` naming the setting, rather than failing at the
+first push: its credentials are loaded here the way its actor loads them. A
+provider that dies anyway, later, turns its platform off (actors/push.py).
 """
 from __future__ import annotations
 
@@ -58,7 +60,29 @@ def _apns(settings: Settings, counters: PushCounters) -> StartProvider:
         )
     except ValueError as error:
         raise SettingsError("apns_topic", f"APNs is set up wrong: {error}") from None
+    _load_apns_credentials(config)
     return lambda sink: ApnsProviderActor.start(config=config, token_sink=sink, counters=counters)
+
+
+def _load_apns_credentials(config) -> None:
+    """What the APNs provider's ``on_start`` loads, loaded once here: a bad file names its setting."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from .apns import _credentials, _tls_context
+
+    setting, path = ("apns_key_file", config.key_file) if config.auth == "token" else ("apns_cert_file",
+                                                                                        config.cert_file)
+    try:
+        if config.auth == "token":
+            # apns2 signs with it only at the first push: an ES256 (P-256) key in PEM, Apple's .p8.
+            key = load_pem_private_key(path.read_bytes(), password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ValueError("not an elliptic-curve key (Apple's .p8 keys are ES256)")
+        _credentials(config)
+        _tls_context(config)
+    except (OSError, ValueError, TypeError) as error:  # ssl.SSLError is an OSError
+        raise SettingsError(setting, f"{str(path)!r} is not usable: {error}") from None
 
 
 def _gcm(settings: Settings, counters: PushCounters, env: Mapping[str, str]) -> StartProvider:
