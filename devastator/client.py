@@ -349,7 +349,7 @@ class Client:
         try:
             for body in stream.bodies():
                 self._on_body(body)
-        except (OSError, RpcError):
+        except (OSError, ValueError, RpcError):  # ValueError: ssl, when close() shut the socket under this read
             pass
         finally:
             with self._lock:

@@ -7,18 +7,24 @@ certificate names its user, device and registration in a SAN URI,
 ``devastator:user/<user>/device/<device>/registration/<id>``, which
 ``client_identity`` reads back from a peer certificate that the TLS handshake
 has already verified.
+
+The data directory holds the keys and the messages: it and every file in it
+are private to the server's user (0700 and 0600), whoever made it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import ipaddress
+import logging
 import os
 import re
 import secrets
 import socket
 import ssl
+import stat
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +39,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .identity import DeviceIdentity
 
+log = logging.getLogger(__name__)
+
 CA_VALIDITY = datetime.timedelta(days=3650)
 SERVER_VALIDITY = datetime.timedelta(days=5 * 365)
 # Backdating covers clocks of devices that run a little behind the server's.
@@ -46,8 +54,19 @@ _MAX_DEVICE_LENGTH = 64
 _MIN_RSA_BITS = 2048
 
 PRIVATE_FILE_MODE = 0o600
-PUBLIC_FILE_MODE = 0o644
+PUBLIC_FILE_MODE = 0o644  # certificates handed out, outside the data directory
 PRIVATE_DIR_MODE = 0o700
+
+# What servers offer: Mozilla's "intermediate" profile (wiki.mozilla.org/Security/Server_Side_TLS, 5.7).
+# TLS 1.2 only with ECDHE and an AEAD (the DHE-RSA suites it also allows need DH parameters: left out),
+# TLS 1.3's three suites, and the groups X25519, P-256 and P-384 (not P-521, X448 or FFDHE).
+INTERMEDIATE_TLS12_CIPHERS = ":".join((
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+))
+INTERMEDIATE_TLS13_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+INTERMEDIATE_GROUPS = "X25519:prime256v1:secp384r1"
 
 
 class PkiError(RuntimeError):
@@ -107,7 +126,7 @@ def ensure_pki(
     ca_key, ca_key_created = _load_or_create_key(paths.ca_key)
     if ca_key_created or not paths.ca_cert.exists():
         ca_cert = _build_ca_certificate(ca_key)
-        write_file_atomically(paths.ca_cert, _cert_pem(ca_cert), mode=PUBLIC_FILE_MODE)
+        write_file_atomically(paths.ca_cert, _cert_pem(ca_cert), mode=PRIVATE_FILE_MODE)
         ca_created = True
     else:
         ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
@@ -116,7 +135,7 @@ def ensure_pki(
     server_key, server_key_created = _load_or_create_key(paths.server_key)
     if ca_created or server_key_created or not paths.server_cert.exists():
         server_cert = _build_server_certificate(server_key, ca_cert, ca_key, hostnames)
-        write_file_atomically(paths.server_cert, _cert_pem(server_cert), mode=PUBLIC_FILE_MODE)
+        write_file_atomically(paths.server_cert, _cert_pem(server_cert), mode=PRIVATE_FILE_MODE)
     return paths
 
 
@@ -259,7 +278,7 @@ def server_ssl_context(
     min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2,
     client_certificates: bool = True,
 ) -> ssl.SSLContext:
-    """A server context with the server certificate.
+    """A server context with the server certificate, offering what Mozilla's "intermediate" profile allows.
 
     With ``client_certificates`` (the TLS endpoint) it asks for, but does not
     require, a client certificate, and one that does not chain to our CA fails
@@ -268,6 +287,11 @@ def server_ssl_context(
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = min_version
+    context.set_ciphers(INTERMEDIATE_TLS12_CIPHERS)
+    _OpenSslContext(context).restrict(INTERMEDIATE_TLS13_CIPHERSUITES, INTERMEDIATE_GROUPS)
+    # The profile lets the client choose among its suites, all of them strong; and a client
+    # asking to renegotiate makes the server do a handshake's work again for nothing.
+    context.options = (context.options & ~ssl.OP_CIPHER_SERVER_PREFERENCE) | ssl.OP_NO_RENEGOTIATION
     context.load_cert_chain(certfile=paths.server_cert, keyfile=paths.server_key)
     if client_certificates:
         context.load_verify_locations(cafile=paths.ca_cert)
@@ -301,12 +325,68 @@ def client_ssl_context(
     return context
 
 
+class _OpenSslContext:
+    """What Python's ssl module does not expose of a context (3.11: TLS 1.3 suites, the group list).
+
+    ctypes calls OpenSSL's own SSL_CTX functions, found through the ``_ssl``
+    module (so in the very libssl it uses), on the SSL_CTX that CPython keeps
+    right after the context object's header. That pointer is checked first:
+    OpenSSL must report the options Python reports for it.
+    """
+
+    _SSL_CTRL_SET_GROUPS_LIST = 92  # SSL_CTX_set1_groups_list is a macro over SSL_CTX_ctrl
+
+    def __init__(self, context: ssl.SSLContext):
+        import _ssl
+
+        self._context = context
+        self._libssl = ctypes.CDLL(_ssl.__file__)  # its symbols and those of the libssl it links
+        self._pointer = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+
+    def restrict(self, tls13_ciphersuites: str, groups: str) -> None:
+        try:
+            get_options = self._libssl.SSL_CTX_get_options
+            set_ciphersuites = self._libssl.SSL_CTX_set_ciphersuites
+            ctrl = self._libssl.SSL_CTX_ctrl
+        except AttributeError as error:
+            raise ssl.SSLError(f"cannot restrict TLS groups and suites with this Python's OpenSSL: {error}") from None
+        get_options.restype, get_options.argtypes = ctypes.c_uint64, [ctypes.c_void_p]
+        set_ciphersuites.restype, set_ciphersuites.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_char_p]
+        ctrl.restype = ctypes.c_long
+        ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        if not self._pointer or get_options(self._pointer) != self._context.options:
+            raise ssl.SSLError("cannot find the OpenSSL context of an ssl.SSLContext in this Python")
+        if set_ciphersuites(self._pointer, tls13_ciphersuites.encode()) != 1:
+            raise ssl.SSLError(f"OpenSSL refused the TLS 1.3 suites {tls13_ciphersuites}")
+        if ctrl(self._pointer, self._SSL_CTRL_SET_GROUPS_LIST, 0, ctypes.c_char_p(groups.encode())) != 1:
+            raise ssl.SSLError(f"OpenSSL refused the TLS groups {groups}")
+
+
 def ensure_private_dir(path: Path) -> None:
-    """Create ``path`` readable by its owner only, unless it already exists."""
-    if path.is_dir():
-        return  # an operator's choice of permissions stands
+    """Create ``path`` readable by its owner only, or make it so: it and every file in it.
+
+    The directory may have been made by hand, or by an older version, with
+    looser modes (0755 and 0644 under a usual umask): they are tightened,
+    with one log line, rather than refused.
+    """
+    path = Path(path)
     path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
-    os.chmod(path, PRIVATE_DIR_MODE)  # mkdir's mode is subject to the umask
+    entries = [path, *(Path(entry.path) for entry in os.scandir(path) if not entry.is_symlink())]
+    modes = {entry: stat.S_IMODE(entry.lstat().st_mode) for entry in entries}
+    loosened = {entry: mode for entry, mode in modes.items() if mode & 0o077}
+    for entry, mode in loosened.items():
+        try:
+            os.chmod(entry, mode & 0o700)
+        except PermissionError as error:
+            raise PermissionError(
+                error.errno,
+                f"cannot make {entry} private to the server's user (mode {mode & 0o700:o}, not {mode:o}):"
+                f" {error.strerror} (it belongs to uid {entry.lstat().st_uid}, the server runs as uid"
+                f" {os.geteuid()})",
+            ) from None
+    if loosened:
+        log.warning("made %s private to its user (0700, files 0600); it was: %s", path,
+                    ", ".join(f"{entry.name} {mode:o}" for entry, mode in loosened.items()))
 
 
 def write_file_atomically(path: Path, data: bytes, *, mode: int) -> None:

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import gevent
@@ -292,15 +293,61 @@ def test_no_server_is_one_clear_line(tmp_path, env):
     assert "Traceback" not in result.stderr
 
 
-def test_another_unix_user_is_refused_clearly(running, env):
+NOBODY = 65534
+
+
+def python_nobody_can_run() -> str | None:
+    """A Python of this one's version that the user nobody may start (this venv may sit in a private home)."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    candidates = [os.path.realpath(sys.executable), getattr(sys, "_base_executable", None),
+                  shutil.which("python3"), f"/usr/bin/python{version}", "/usr/bin/python3"]
+    for python in dict.fromkeys(filter(None, candidates)):
+        try:
+            probe = subprocess.run([python, "-I", "-c", "import sys; print(*sys.version_info[:2], sep='.')"],
+                                   capture_output=True, text=True, timeout=20, cwd="/",
+                                   user=NOBODY, group=NOBODY, extra_groups=[])
+        except PermissionError:
+            continue  # under a directory nobody may not enter
+        if probe.returncode == 0 and probe.stdout.strip() == version:
+            return python
+    return None
+
+
+@pytest.fixture
+def console_for_nobody():
+    """The console command as the user nobody can run it, wherever this checkout is.
+
+    A clone under a private directory (root's home is 0700) is out of nobody's
+    reach, and so is its .venv: the console, the package and the one library
+    it needs (orjson) are copied where anyone may read them, to be run by a
+    Python that nobody may start.
+    """
+    python = python_nobody_can_run()
+    assert python is not None, "no Python of this version that the user nobody may run"
+    import orjson as orjson_package
+
+    copy = Path(tempfile.mkdtemp(prefix="devastator-console-"))
+    try:
+        copy.chmod(0o755)
+        (copy / "bin").mkdir(mode=0o755)
+        shutil.copy(ROOT / "bin" / "devastator-console", copy / "bin")
+        ignore = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(ROOT / "devastator", copy / "devastator", ignore=ignore)
+        shutil.copytree(Path(orjson_package.__file__).parent, copy / "orjson", ignore=ignore)
+        for path in copy.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        yield [python, "-I", str(copy / "bin" / "devastator-console")], copy
+    finally:
+        shutil.rmtree(copy)
+
+
+def test_another_unix_user_is_refused_clearly(running, env, request):
     if os.geteuid() == 0:
         # Root reads any directory; the console runs as "nobody", as another operator would.
-        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-        if shutil.which("setpriv") is None or subprocess.run(
-                [*prefix, sys.executable, "-c", ""], capture_output=True, timeout=20).returncode != 0:
-            pytest.skip("needs setpriv and a Python that the user nobody may run")
-        result = subprocess.run([*prefix, *CONSOLE, "--data-dir", str(running.settings.data_dir), "actors"],
-                                capture_output=True, text=True, timeout=20, env=env)
+        command, copy = request.getfixturevalue("console_for_nobody")
+        result = subprocess.run([*command, "--data-dir", str(running.settings.data_dir), "actors"],
+                                capture_output=True, text=True, timeout=20, env=env, cwd=copy,
+                                user=NOBODY, group=NOBODY, extra_groups=[])
     else:
         data_dir = running.settings.data_dir
         data_dir.chmod(0o000)  # as the data directory looks to another user

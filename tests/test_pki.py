@@ -115,8 +115,8 @@ def test_creates_files_with_private_modes(tmp_path):
     assert file_mode(data_dir) == 0o700
     assert file_mode(paths.ca_key) == 0o600
     assert file_mode(paths.server_key) == 0o600
-    assert file_mode(paths.ca_cert) == 0o644
-    assert file_mode(paths.server_cert) == 0o644
+    assert file_mode(paths.ca_cert) == 0o600  # in the data directory, everything is private
+    assert file_mode(paths.server_cert) == 0o600
     assert sorted(p.name for p in data_dir.iterdir()) == ["ca.key", "ca.pem", "server.key", "server.pem"]
 
 

@@ -92,6 +92,8 @@ class WebSocketSession:
         data = self._trailing
         while True:
             if data:
+                if ws.state is ConnectionState.CLOSED:
+                    return reason  # the writer ended the closing handshake meanwhile: nothing is left to read
                 ws.receive_data(data)
                 messages = []
                 violation = None
