@@ -33,6 +33,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import urllib.request  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
@@ -44,12 +45,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout even when the package is not installed
 
 from devastator.protocol import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, RpcError  # noqa: E402
+from devastator.protocol.errors import OVERLOADED  # noqa: E402
 
 READ_SIZE = 256 * 1024
 DEVICE = "bench"
 ACK_BATCH = 100  # ACKs go back in batches like the server's delivery chunks
 ERRORS_KEPT = 5
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# What the server can do, not what it lets one user do: every mode but --overload turns the
+# overload control and the send rate limits off (unless the environment sets them).
+CAPACITY_SETTINGS = {
+    "DEVASTATOR_OVERLOAD_CPU_PERCENT": "0",
+    "DEVASTATOR_OVERLOAD_LOOP_LAG": "0",
+    "DEVASTATOR_OVERLOAD_SEND_WAIT": "0",
+    "DEVASTATOR_USER_SEND_RATE": "0",
+    "DEVASTATOR_CONNECTION_SEND_RATE": "0",
+    "DEVASTATOR_MAX_SENDS_IN_FLIGHT": "0",
+}
 
 _pack_header = struct.Struct("<I").pack
 _loads = orjson.loads
@@ -351,6 +363,21 @@ class Connection:
             self.auth_error = obj["error"]
         self.authenticated.set()
 
+    def _read_auth_answer(self) -> bool:
+        """Read until the auth answer (the only frame that can come before we send); True if authenticated."""
+        sock = self.sock
+        while not self.authenticated.is_set():
+            data = sock.recv(READ_SIZE)
+            if not data:
+                raise ConnectionError("closed by the server during auth")
+            for frame in self._decoder.feed(data):
+                obj = _loads(frame)
+                if type(obj) is dict and obj.get("id") == "auth":
+                    self._auth_answer(obj)
+                else:
+                    self.run_state.error(f"{self.user} before auth", obj)
+        return self.auth_error is None
+
     def close(self) -> None:
         self.closing = True
         if self.sock is not None:
@@ -391,24 +418,12 @@ class SenderConnection(Connection):
         )
 
     def _loop(self) -> None:
-        # Authenticate first: the answer is the only frame that can arrive before we send.
-        sock = self.sock
-        while not self.authenticated.is_set():
-            data = sock.recv(READ_SIZE)
-            if not data:
-                raise ConnectionError("closed by the server during auth")
-            for frame in self._decoder.feed(data):
-                obj = _loads(frame)
-                if type(obj) is dict and obj.get("id") == "auth":
-                    self._auth_answer(obj)
-                else:
-                    self.run_state.error(f"{self.user} before auth", obj)
-        if self.auth_error is not None:
+        if not self._read_auth_answer():
             return
         self.start.wait()
         first = self._sends(self.window)
         if first:
-            sock.sendall(first)
+            self.sock.sendall(first)
         else:
             self.drained.set()
         super()._loop()
@@ -443,10 +458,10 @@ class SenderConnection(Connection):
                 if "result" in item:
                     answered += 1
                     ok += 1
+                    self.on_accepted(item)
                 elif "error" in item:
                     answered += 1 if item.get("id") is not None else 0
-                    self.errors += 1
-                    self.run_state.error(f"{self.user} msg.send", item)
+                    self.on_error(item)
                 else:
                     self.run_state.error(f"{self.user} unexpected", item)
         self.ok += ok
@@ -458,8 +473,21 @@ class SenderConnection(Connection):
             self.drained.set()
         return out
 
+    def on_accepted(self, item) -> None:
+        pass
+
+    def on_error(self, item) -> None:
+        self.errors += 1
+        self.run_state.error(f"{self.user} msg.send", item)
+
     def on_closed(self) -> None:
         self.drained.set()
+
+
+def make_room(seen: bytearray, n: int) -> None:
+    """Grow a bytearray indexed by message number so that ``seen[n]`` exists (doubling: n grows by one)."""
+    if n >= len(seen):
+        seen.extend(bytes(max(n + 1 - len(seen), len(seen))))
 
 
 class RecipientConnection(Connection):
@@ -469,13 +497,14 @@ class RecipientConnection(Connection):
         super().__init__(*args)
         self.sender = sender
         self.latencies = array.array("d")
+        self.sent_times = array.array("d")  # the "t" of each latency: when it was sent
         self.distinct = 0
         self.measured = 0
         self.duplicates = 0
         self.out_of_order = 0
         self.misaddressed = 0
         self.last_n = -1
-        self._seen = bytearray(1024)  # by n: received already
+        self.seen = bytearray(1024)  # by n: received already
         self.expect: int | None = None  # distinct messages to wait for, once known
         self.done = gevent.event.Event()
         self.done_at = 0.0
@@ -505,9 +534,8 @@ class RecipientConnection(Connection):
                 else:
                     message = params["message"]
                     n = message["n"]
-                    seen = self._seen
-                    if n >= len(seen):
-                        seen.extend(bytes(max(n + 1 - len(seen), len(seen))))
+                    seen = self.seen
+                    make_room(seen, n)
                     if n > self.last_n:
                         self.last_n = n
                         seen[n] = 1
@@ -515,6 +543,7 @@ class RecipientConnection(Connection):
                         if measuring:
                             self.measured += 1
                             latencies.append(now - message["t"])
+                            self.sent_times.append(message["t"])
                     elif seen[n]:
                         self.duplicates += 1
                     else:
@@ -563,6 +592,117 @@ class IdleConnection(Connection):
         return None
 
 
+def mark(seen: bytearray, n: int) -> None:
+    """Set ``seen[n]`` (n: a message's number, dense from 0)."""
+    make_room(seen, n)
+    seen[n] = 1
+
+
+def missing(answered: bytearray, received: bytearray) -> int:
+    """Messages answered as stored that never arrived."""
+    return sum(1 for n, ok in enumerate(answered) if ok and (n >= len(received) or not received[n]))
+
+
+def retry_after_seconds(item) -> float | None:
+    """The retry_after_ms of a -32003 answer, in seconds; None if it has none (a contract violation)."""
+    data = item["error"].get("data")
+    wait = data.get("retry_after_ms") if isinstance(data, dict) else None
+    return wait / 1000 if isinstance(wait, int) and not isinstance(wait, bool) and wait >= 0 else None
+
+
+class FloodSender(SenderConnection):
+    """A flooder: ``window`` sends in flight, a new one for each answer, -32003 included.
+
+    It ignores ``retry_after_ms``: the worst a client can do short of not
+    reading at all, and what the server must contain without the flood
+    raising anybody else's latency.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.accepted = bytearray()  # by n: answered as stored
+        self.shed = 0  # answered -32003
+        self.shed_without_retry_after = 0
+
+    def on_accepted(self, item) -> None:
+        mark(self.accepted, item["id"])
+
+    def on_error(self, item) -> None:
+        if item["error"].get("code") != OVERLOADED:
+            super().on_error(item)
+            return
+        self.shed += 1
+        if retry_after_seconds(item) is None:
+            self.shed_without_retry_after += 1
+
+
+class PacedSender(Connection):
+    """A bystander: one msg.send at a time, ``rate`` a second, as a chat client sends.
+
+    After a -32003 it waits the ``retry_after_ms`` it was told and sends the
+    same message again; a message carries the time of its first attempt, so
+    the wait counts in its latency.
+    """
+
+    def __init__(self, *args, recipient: str, rate: float):
+        super().__init__(*args)
+        self.interval = 1.0 / rate
+        self.accepted = bytearray()
+        self.ok = self.shed = self.errors = 0
+        self._answer: gevent.event.AsyncResult | None = None
+        self._prefix = (
+            b'{"jsonrpc":"2.0","method":"msg.send","params":{"to":' + _dumps(recipient) + b',"message":{"n":'
+        )
+
+    def _loop(self) -> None:
+        if self._read_auth_answer():
+            super()._loop()
+
+    def pace(self) -> None:
+        """The sending greenlet (the conductor runs it once authenticated); the reading one answers it."""
+        next_at, n = _now(), 0
+        try:
+            while not self.run_state.stopping:
+                gevent.sleep(max(0.0, next_at - _now()))
+                first = repr(_now()).encode()
+                while not self.run_state.stopping:
+                    self._answer = gevent.event.AsyncResult()
+                    body = b'%s%d,"t":%s}},"id":%d}' % (self._prefix, n, first, n)
+                    self.sock.sendall(_pack_header(len(body)) + body)
+                    wait = self._answer.get()  # None: stored; else seconds to wait before sending it again
+                    if wait is None:
+                        break
+                    gevent.sleep(wait)
+                n += 1
+                next_at = max(next_at + self.interval, _now())  # late: on from now, not a burst to catch up
+        except OSError:
+            return  # the reading greenlet reports the connection's end
+
+    def on_frames(self, frames):
+        for frame in frames:
+            obj = _loads(frame)
+            for item in obj if type(obj) is list else (obj,):
+                if "result" in item:
+                    self.ok += 1
+                    mark(self.accepted, item["id"])
+                    self._answer.set(None)
+                elif "error" in item and item["error"].get("code") == OVERLOADED:
+                    self.shed += 1
+                    wait = retry_after_seconds(item)
+                    if wait is None:
+                        self.run_state.error(f"{self.user} -32003 without retry_after_ms", item)
+                    self._answer.set(1.0 if wait is None else wait)
+                else:
+                    self.errors += 1
+                    self.run_state.error(f"{self.user} msg.send", item)
+                    self._answer.set(None)  # not retried: counted as an error
+        return None
+
+    def on_closed(self) -> None:
+        if self._answer is not None:
+            self._answer.set(None)
+
+
 def wait_all(events, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     for event in events:
@@ -606,6 +746,11 @@ class Bench:
         self.ssl_context = ssl.create_default_context(cafile=str(data_dir / "ca.pem"))
         self.senders: list[SenderConnection] = []
         self.recipients: list[RecipientConnection] = []
+        # --overload: bystanders (paced senders) and flooders, each pair with its recipient.
+        self.bystanders: list[PacedSender] = []
+        self.bystander_recipients: list[RecipientConnection] = []
+        self.flooders: list[FloodSender] = []
+        self.flood_recipients: list[RecipientConnection] = []
 
     def _open(self, connection: Connection) -> Connection:
         greenlet = self.group.spawn(connection.main)
@@ -761,6 +906,122 @@ class Bench:
             "connection_errors": len(self.run.connection_errors),
         }
 
+    def run_overload(self) -> dict:
+        """Bystanders' latency alone, then while other users flood the server; what the flood got; server CPU."""
+        args = self.args
+        bystanders = [(f"bench-{self.tag}-b{i}", f"bench-{self.tag}-br{i}") for i in range(args.pairs)]
+        flood = [(f"bench-{self.tag}-f{i}", f"bench-{self.tag}-fr{i}") for i in range(args.flooders)]
+        tokens = mint_tokens(self.settings, [user for pair in bystanders + flood for user in pair])
+
+        def open_connection(kind, user, **options):
+            return self._open(kind(self.run, user, tokens[user], self.ssl_context, self.address, **options))
+
+        for sender, recipient in bystanders:
+            self.bystander_recipients.append(open_connection(RecipientConnection, recipient, sender=sender))
+            self.bystanders.append(open_connection(PacedSender, sender, recipient=recipient, rate=args.rate))
+        for sender, recipient in flood:
+            self.flood_recipients.append(open_connection(RecipientConnection, recipient, sender=sender))
+            self.flooders.append(open_connection(FloodSender, sender, recipient=recipient, window=args.window,
+                                                 quota=None))
+        recipients = self.bystander_recipients + self.flood_recipients
+        wait_all([c.connected for c in recipients + self.bystanders + self.flooders], 60, "TLS connections")
+        self.authenticate(recipients)
+        self.authenticate(self.bystanders + self.flooders)
+        self.run.measuring = True  # every latency is kept with its send time, to tell the phases apart
+        pacers = Group()
+        for sender in self.bystanders:
+            pacers.add(self.group.spawn(sender.pace))
+        gevent.sleep(args.warmup)
+        alone = CpuMeter(self.server_pid)
+        alone.start()
+        gevent.sleep(args.duration)
+        alone.stop()
+        flooded = CpuMeter(self.server_pid)
+        flooded.start()
+        for flooder in self.flooders:
+            flooder.start.set()
+        per_second = self._server_cores_per_second(args.duration)
+        flooded.stop()
+        rss = process_rss_mb(self.server_pid)
+        server_figures = self._server_overload_figures()
+        self.run.stopping = True
+        wait_all([f.drained for f in self.flooders], 60, "the answers to the flood's sends in flight")
+        pacers.join(timeout=60)
+        for sender, recipient in zip(self.bystanders + self.flooders, recipients):
+            recipient.set_expect(sum(sender.accepted))
+        deadline = time.monotonic() + args.grace
+        for recipient in recipients:
+            recipient.done.wait(max(0.0, deadline - time.monotonic()))
+
+        def latencies(meter: CpuMeter) -> list[float]:
+            start, end = meter.started, meter.started + meter.wall
+            return sorted(latency for r in self.bystander_recipients
+                          for sent, latency in zip(r.sent_times, r.latencies) if start <= sent < end)
+
+        calm, stormy = latencies(alone), latencies(flooded)
+        flood_ok = sum(sum(f.accepted) for f in self.flooders)
+        flood_shed = sum(f.shed for f in self.flooders)
+        pairs = list(zip(self.bystanders + self.flooders, recipients))
+        return {
+            "mode": "overload",
+            "pairs": args.pairs,
+            "rate": args.rate,
+            "flooders": args.flooders,
+            "window": args.window,
+            "duration": round(flooded.wall, 3),
+            "baseline_messages": len(calm),
+            "baseline_p50_ms": _round(percentile_ms(calm, 0.50), 3),
+            "baseline_p99_ms": _round(percentile_ms(calm, 0.99), 3),
+            "flood_messages": len(stormy),
+            "p50_ms": _round(percentile_ms(stormy, 0.50), 3),
+            "p99_ms": _round(percentile_ms(stormy, 0.99), 3),
+            "max_ms": _round(stormy[-1] * 1000 if stormy else None, 3),
+            "bystander_shed": sum(b.shed for b in self.bystanders),
+            "flood_sent_ok": flood_ok,
+            "flood_ok_per_s": round(flood_ok / flooded.wall, 1),
+            "flood_shed": flood_shed,
+            "flood_shed_per_s": round(flood_shed / flooded.wall, 1),
+            "flood_shed_ratio": round(flood_shed / (flood_shed + flood_ok), 3) if flood_shed + flood_ok else None,
+            "flood_shed_without_retry_after": sum(f.shed_without_retry_after for f in self.flooders),
+            "server_cpu_cores_baseline": _round(None if alone.server is None else alone.server / alone.wall, 2),
+            "server_cpu_cores": _round(None if flooded.server is None else flooded.server / flooded.wall, 2),
+            "server_cpu_cores_max_1s": _round(max(per_second) if per_second else None, 2),
+            "bench_cpu_cores": round(flooded.own / flooded.wall, 2),
+            "server_rss_mb": _round(rss, 1),
+            "server_overload": server_figures,
+            "lost": sum(missing(sender.accepted, recipient.seen) for sender, recipient in pairs),
+            "duplicates": sum(r.duplicates for r in recipients),
+            "out_of_order": sum(r.out_of_order for r in recipients),
+            "misaddressed": sum(r.misaddressed for r in recipients),
+            "rpc_errors": self.run.error_count,
+            "connection_errors": len(self.run.connection_errors),
+        }
+
+    def _server_cores_per_second(self, duration: float) -> list[float]:
+        """Sleep ``duration`` seconds, measuring the server's CPU use (in cores) in each second of it."""
+        cores = []
+        end = _now() + duration
+        last_at, last = _now(), process_cpu_seconds(self.server_pid)
+        while _now() < end:
+            gevent.sleep(min(1.0, end - _now()))
+            at, cpu = _now(), process_cpu_seconds(self.server_pid)
+            if cpu is not None and last is not None and at - last_at >= 0.5:
+                cores.append((sum(cpu) - sum(last)) / (at - last_at))
+            last_at, last = at, cpu
+        return cores
+
+    def _server_overload_figures(self) -> dict | None:
+        """What the server counted (its /debug/vars "overload"), when the bench started it."""
+        if self.server is None:
+            return None
+        url = f"http://{self.server.host}:{self.server.http_port}/debug/vars"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                return _loads(answer.read()).get("overload")
+        except OSError as error:
+            self.run.connection_errors.append(f"{url}: {error}")
+            return None
+
     def _wait_retired(self, timeout: float) -> int | None:
         users = [recipient for _, recipient in self.pairs]
         deadline = time.monotonic() + timeout
@@ -801,7 +1062,8 @@ class Bench:
         }
 
     def close(self) -> None:
-        for connection in self.senders + self.recipients + self.idle:
+        for connection in (self.senders + self.recipients + self.idle + self.bystanders + self.bystander_recipients
+                           + self.flooders + self.flood_recipients):
             connection.close()
         self.group.kill(timeout=5)
 
@@ -819,6 +1081,8 @@ def summary(result: dict, run: Run) -> str:
             return "n/a"
         return f"{value:,.{digits}f}{unit}" if isinstance(value, float) else f"{value:,}{unit}"
 
+    if result["mode"] == "overload":
+        return overload_summary(result, run, fmt)
     if result["mode"] == "idle":
         lines = [
             f"devastator bench: mode=idle connections={result['connections']}",
@@ -866,6 +1130,42 @@ def summary(result: dict, run: Run) -> str:
     return "\n".join(lines)
 
 
+def overload_summary(result: dict, run: Run, fmt) -> str:
+    shed, ok = result["flood_shed"], result["flood_sent_ok"]
+    lines = [
+        f"devastator bench: mode=overload bystanders={result['pairs']} pairs at {fmt(result['rate'], '/s', 0)},"
+        f" flooders={result['flooders']} window={result['window']}",
+        f"  bystanders      alone: p50 {fmt(result['baseline_p50_ms'], ' ms', 2)}, p99"
+        f" {fmt(result['baseline_p99_ms'], ' ms', 2)} ({fmt(result['baseline_messages'])} messages)",
+        f"                  with the flood: p50 {fmt(result['p50_ms'], ' ms', 2)},"
+        f" p99 {fmt(result['p99_ms'], ' ms', 2)}, max {fmt(result['max_ms'], ' ms', 2)}"
+        f" ({fmt(result['flood_messages'])} messages);"
+        f" {fmt(result['bystander_shed'])} answered -32003",
+        f"  flood           {fmt(ok + shed)} answers in {fmt(result['duration'], ' s', 2)}:"
+        f" {fmt(result['flood_ok_per_s'], '/s')} stored, {fmt(result['flood_shed_per_s'], '/s')} answered -32003"
+        f" ({fmt(None if result['flood_shed_ratio'] is None else result['flood_shed_ratio'] * 100, '%')}),"
+        f" {fmt(result['flood_shed_without_retry_after'])} of them without retry_after_ms",
+        f"  server CPU      alone {fmt(result['server_cpu_cores_baseline'], ' cores', 2)}, with the flood"
+        f" {fmt(result['server_cpu_cores'], ' cores', 2)} (busiest second"
+        f" {fmt(result['server_cpu_cores_max_1s'], ' cores', 2)}), RSS {fmt(result['server_rss_mb'], ' MB')};"
+        f" bench {fmt(result['bench_cpu_cores'], ' cores', 2)}",
+    ]
+    figures = result["server_overload"]
+    if figures is not None:
+        lines.append(
+            f"  server counted  shed {figures['sends_shed']}, rate limited {figures['sends_rate_limited']},"
+            f" connections refused {figures['connections_refused']}"
+        )
+    lines.append(
+        f"  checks          lost {result['lost']}, duplicates {result['duplicates']}, out of order"
+        f" {result['out_of_order']}, misaddressed {result['misaddressed']}, RPC errors {result['rpc_errors']},"
+        f" connection errors {result['connection_errors']}"
+    )
+    lines += [f"  error           {where}: {_dumps(obj).decode()[:300]}" for where, obj in run.errors]
+    lines += [f"  connection      {problem}" for problem in run.connection_errors[:ERRORS_KEPT]]
+    return "\n".join(lines)
+
+
 def failed(result: dict) -> bool:
     # Lost in online mode too: after the grace period everything accepted must
     # have reached its online recipient.
@@ -880,7 +1180,9 @@ def failed(result: dict) -> bool:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark a Devastator server over TLS.")
-    parser.add_argument("--mode", choices=("online", "offline", "idle"), default="online")
+    parser.add_argument("--mode", choices=("online", "offline", "idle", "overload"), default="online")
+    parser.add_argument("--overload", action="store_const", dest="mode", const="overload",
+                        help="the same as --mode overload: bystanders' latency while --flooders flood the server")
     parser.add_argument("--pairs", type=int, default=20, help="sender/recipient pairs (20)")
     parser.add_argument("--window", type=int, default=50, help="msg.send in flight per sender (50)")
     parser.add_argument("--duration", type=float, default=10.0, help="online: measured seconds (10)")
@@ -890,6 +1192,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="seconds to wait for the last answers and deliveries (30)")
     parser.add_argument("--connections", type=int, default=2000,
                         help="idle: authenticated connections to hold open (2000)")
+    parser.add_argument("--flooders", type=int, default=40,
+                        help="overload: users flooding, each with --window sends in flight (40)")
+    parser.add_argument("--rate", type=float, default=20.0,
+                        help="overload: msg.send per second of each bystander, one at a time (20)")
     parser.add_argument("--json", action="store_true", help="also print one JSON line of results")
     parser.add_argument("--host", default="127.0.0.1", help="address of the server (127.0.0.1)")
     parser.add_argument("--keep-data", action="store_true", help="keep the temporary data dir and server log")
@@ -903,6 +1209,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.pairs < 1 or args.window < 1 or args.duration <= 0 or args.warmup < 0:
         parser.error("--pairs and --window must be at least 1, --duration positive, --warmup not negative")
+    if args.mode == "overload" and (args.flooders < 1 or args.rate <= 0):
+        parser.error("--flooders must be at least 1 and --rate positive")
     if args.mode == "offline" and args.messages < args.pairs:
         parser.error("--messages must be at least --pairs")
     if args.workers > 1 and args.store != "redis":
@@ -925,7 +1233,8 @@ def main(argv=None) -> int:
     status = 1
     try:
         # A key prefix of its own: a shared Redis keeps the runs apart, and counts stay ours.
-        env = {**os.environ, "DEVASTATOR_STORE": args.store, "DEVASTATOR_REDIS_URL": args.redis_url}
+        env = {**({} if args.mode == "overload" else CAPACITY_SETTINGS), **os.environ,
+               "DEVASTATOR_STORE": args.store, "DEVASTATOR_REDIS_URL": args.redis_url}
         if args.server_data_dir is None:
             env["DEVASTATOR_REDIS_PREFIX"] = f"bench-{secrets.token_hex(4)}:"
         if args.server_data_dir is not None:
@@ -939,7 +1248,8 @@ def main(argv=None) -> int:
             address = (args.host, server.tls_port)
             print(f"bench: server pid {server.pid} on TLS port {server.tls_port}, data {tmp_dir}", file=sys.stderr)
         bench = Bench(args, store_settings(data_dir, env), address, server_pid, server)
-        runs = {"online": bench.run_online, "offline": bench.run_offline, "idle": bench.run_idle}
+        runs = {"online": bench.run_online, "offline": bench.run_offline, "idle": bench.run_idle,
+                "overload": bench.run_overload}
         result = runs[args.mode]()
         if server is not None and not server.alive():
             bench.run.connection_errors.append("the server process died")

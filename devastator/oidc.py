@@ -239,7 +239,8 @@ class OidcVerifier:
                 self._refresh()
                 key_set = self._key_set
         if key_set is None:
-            raise Overloaded(KEYS_UNAVAILABLE)
+            # Worth retrying once another fetch may be tried (PROTOCOL.md 7: -32003 says when).
+            raise Overloaded(KEYS_UNAVAILABLE, retry_after_ms=max(1000, round(self._min_refresh_interval * 1000)))
         key = key_set.keys.get(kid)
         if key is None:
             raise Forbidden(UNKNOWN_KEY)

@@ -2,6 +2,11 @@
 
 First start creates what a single machine needs in the data directory (CA,
 server certificate, JWT keys, SQLite database); nothing is set up by hand.
+
+The core actors (store, router, push dispatcher, cluster actor) are watched:
+when one dies the server logs it, shuts down and ``serve_forever`` returns 1,
+so that systemd or the ``--workers`` supervisor starts it again. Nothing
+answered is lost by that: a sender is answered only after its commit.
 """
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import weakref
 from typing import Callable
@@ -24,11 +30,13 @@ from .actors.admin import AdminActor
 from .actors.cluster import ClusterActor
 from .actors.push import PushDispatcherActor
 from .actors.messages import Inspect, Tick
+from .actors.supervision import watch
+from .admission import AdmissionControl, AdmissionLimits
 from .auth import JwtAuthority
 from .config import Settings
 from .oidc import OidcVerifier
 from .protocol import Limits
-from .push import PushCounters
+from .push import PushCounters, PushPlatforms
 from .push.launch import provider_starters
 from .operations import PROMETHEUS_CONTENT_TYPE, Operations
 from .registration import Registrar
@@ -43,15 +51,28 @@ from .transports.admin import AdminTransport
 
 log = logging.getLogger(__name__)
 
+EXIT_CORE_FAILURE = 1
+# After a stop, how long actors' threads (greenlets) may take to end before the process exits without them.
+THREADS_END_SECONDS = 5.0
+
+
+class StartFailed(Exception):
+    """A core actor failed while the server started (pykka logged its error)."""
+
 
 class Server:
     def __init__(self, settings: Settings, *, store: Store | None = None):
         self.settings = settings
         self._store = store
         self._greenlets = Group()
+        self._started = False
+        self._stopping = False
         self._stopped = gevent.event.Event()
+        self.failure: str | None = None  # why the server stopped by itself: a core actor died
+        self.push_platforms: PushPlatforms | None = None  # whose push provider runs
         self.store_ref: pykka.ActorRef | None = None
         self.router_ref: pykka.ActorRef | None = None
+        self.admission: AdmissionControl | None = None  # asked before new connections and sends
         self.tls: TlsTransport | None = None
         self.http: HttpTransport | None = None
         self.admin: AdminTransport | None = None
@@ -61,6 +82,7 @@ class Server:
         self.telemetry = Telemetry()
         self.node = settings.node_name or f"{socket.gethostname()}:{os.getpid()}"
         self.operations: Operations | None = None
+        self._redis_client = None  # the cluster's Redis client for presence and push claims, closed at stop
 
     # -- starting -------------------------------------------------------------------
 
@@ -102,11 +124,13 @@ class Server:
         store = self._store or make_store(settings)
         telemetry = self.telemetry
         self.store_ref = store_ref = StoreActor.start(store=store, telemetry=telemetry)
+        self._watch_core("store", store_ref)
+        push_platforms = self.push_platforms = PushPlatforms(push_providers)
 
         start_cluster, push_coordination, device_nodes = self._cluster_parts(settings)
 
         def start_push(router: pykka.ActorRef) -> pykka.ActorRef:
-            return PushDispatcherActor.start(
+            return self._watch_core("push dispatcher", PushDispatcherActor.start(
                 start_providers=push_providers,
                 store=store_ref,
                 router=router,
@@ -114,7 +138,9 @@ class Server:
                 content=settings.push_content,
                 message_limits=limits.message_limits,
                 coordination=push_coordination,
-            )
+                platforms=push_platforms,
+                telemetry=telemetry,
+            ))
 
         self.router_ref = router_ref = RouterActor.start(
             store=store_ref,
@@ -131,10 +157,16 @@ class Server:
             start_push=start_push if push_providers else None,
             start_cluster=start_cluster,
         )
+        self._watch_core("router", router_ref)
         # Both must answer before any connection can reach them.
-        store_ref.ask(Inspect())
-        router_ref.ask(Inspect())
-        push_platforms = frozenset(push_providers)
+        for name, ref in (("store", store_ref), ("router", router_ref)):
+            try:
+                ref.ask(Inspect())
+            except pykka.ActorDeadError:
+                raise StartFailed(f"the {name} actor failed at its start (its error is logged above)") from None
+        self.admission = admission = AdmissionControl(
+            AdmissionLimits.from_settings(settings), telemetry=telemetry, store_queue=store_ref.actor_inbox.qsize
+        )
 
         def new_device(outbound: OutboundQueue) -> pykka.ActorRef:
             device = DeviceActor.start(
@@ -147,6 +179,7 @@ class Server:
                 limits=limits,
                 push_platforms=push_platforms,
                 telemetry=telemetry,
+                admission=admission.connection(),
             )
             return self._track(device)
 
@@ -160,9 +193,11 @@ class Server:
             max_frame_bytes=settings.max_frame_bytes,
             max_outbound_bytes=settings.max_outbound_bytes,
             read_timeout=settings.read_timeout,
+            frame_timeout=settings.frame_timeout,
             auth_log=auth_log,
             telemetry=telemetry,
             reuse_port=settings.workers > 1,
+            admission=admission,
         )
         self.http = HttpTransport(
             host=settings.host,
@@ -180,16 +215,21 @@ class Server:
                 **(_page_routes() if settings.web_page else {}),
                 "/debug/vars": ("application/json", lambda: self.operations.debug_vars()),
                 "/metrics": (PROMETHEUS_CONTENT_TYPE, lambda: self.operations.metrics()),
+                "/healthz": ("application/json", lambda: self.operations.health(self.failure)),
             },
             telemetry=telemetry,
             reuse_port=settings.workers > 1,
+            admission=admission,
         )
         self.operations = Operations(
             telemetry=telemetry,
             push_counters=self.push_counters,
+            push_platforms=push_platforms,
             store=store_ref,
+            router=router_ref,
             greenlets=self._greenlet_count,
             node=self.node,
+            admission=admission,
         )
         self.admin = AdminTransport(
             path=settings.admin_socket,
@@ -208,29 +248,54 @@ class Server:
             max_outbound_bytes=settings.max_outbound_bytes,
         )
         self._spawn(self._clock)
+        admission.start()
         self.tls.start()
         self.http.start()
         self.admin.start()
+        if self.failure is not None:  # a core actor died while the rest started
+            raise StartFailed(f"{self.failure} (its error is logged above)")
+        self._started = True
         log.info("Devastator started (data dir %s)", settings.data_dir.resolve())
 
     def _cluster_parts(self, settings: Settings):
         """With the Redis store: how to start the cluster actor, and the cluster's push claims."""
         if settings.store != "redis":
             return None, None, None
-        client = connect_redis(settings.redis_url, settings.redis_cluster_nodes)
+        def redis_client():
+            return connect_redis(
+                settings.redis_url, settings.redis_cluster_nodes,
+                socket_timeout=settings.redis_socket_timeout, connect_timeout=settings.redis_connect_timeout,
+            )
+
+        client = self._redis_client = redis_client()
         keys = cluster.ClusterKeys(settings.redis_prefix)
         presence = cluster.Presence(client, keys, self.node, cluster.LiveNodes(client, keys))
 
         def start_cluster(router: pykka.ActorRef) -> pykka.ActorRef:
-            return ClusterActor.start(
+            return self._watch_core("cluster", ClusterActor.start(
                 client=client,
-                subscriber_client=connect_redis(settings.redis_url, settings.redis_cluster_nodes),
+                subscriber_client=redis_client(),
                 prefix=settings.redis_prefix,
                 node=self.node,
                 router=router,
-            )
+            ))
 
         return start_cluster, cluster.RedisPushCoordination(client, keys, presence), presence.devices_of
+
+    def _watch_core(self, name: str, ref: pykka.ActorRef) -> pykka.ActorRef:
+        """Shut the server down if ``ref`` stops while the server is not stopping: it died."""
+        watch(self._greenlets, ref, lambda: self._core_stopped(name))
+        return ref
+
+    def _core_stopped(self, name: str) -> None:
+        if self._stopping or self.failure is not None:
+            return  # stopped by us, or the first death took the rest down with it
+        self.failure = f"the {name} actor died"
+        if not self._started:
+            return  # start() raises StartFailed with it
+        log.critical("the %s actor died (its error is logged above): the server stops, to be started again "
+                     "by its supervisor; every answered message is stored", name)
+        gevent.spawn(self.stop)  # not in self._greenlets: stop() kills those
 
     def _track(self, connection_actor: pykka.ActorRef) -> pykka.ActorRef:
         """Remember an actor that serves a connection, for the sweep at stop."""
@@ -256,27 +321,67 @@ class Server:
 
     # -- running and stopping ------------------------------------------------------------
 
-    def serve_forever(self) -> None:
-        """Run until SIGTERM or SIGINT, then shut down cleanly."""
+    def serve_forever(self) -> int:
+        """Run until SIGTERM or SIGINT, or a core actor's death; shut down; the process's exit status.
+
+        0 after a clean shutdown; EXIT_CORE_FAILURE when a core actor died or
+        an actor would not stop. An actor stuck in a call that never returns
+        would hold the interpreter's exit forever (pykka's threads are not
+        daemons): then the process exits at once, without waiting for it.
+        """
         for signum in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(signum, lambda: gevent.spawn(self.stop))
         self._stopped.wait()
+        status = EXIT_CORE_FAILURE if self.failure else 0
+        stuck = _threads_still_running(THREADS_END_SECONDS)
+        if stuck:
+            log.error("%d actor threads did not stop (%s): exiting without them", len(stuck), ", ".join(stuck))
+            logging.shutdown()
+            os._exit(EXIT_CORE_FAILURE)
+        return status
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Wait until the server has stopped (asked to, or by itself: see ``failure``); False on timeout."""
+        return self._stopped.wait(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
-        if self._stopped.is_set():
+        if self._stopping:
+            self._stopped.wait()  # stopping already (a signal and a failure may both ask)
             return
+        self._stopping = True
         log.info("Devastator stopping")
         for transport in (self.admin, self.http, self.tls):
             if transport is not None:
                 transport.stop(timeout)
+        if self.admission is not None:
+            self.admission.stop()  # its sampler greenlet
         self._greenlets.kill(timeout=timeout)
         for device in list(self._devices):  # their connections are closed: sweep them
-            device.stop(timeout=timeout)
+            _stop_actor(device, timeout)
         for ref in (self.router_ref, self.store_ref):
             if ref is not None:
-                ref.stop(timeout=timeout)
+                _stop_actor(ref, timeout)
+        if self._redis_client is not None:  # its users (cluster actor, push dispatcher) have stopped
+            self._redis_client.close()
         self._stopped.set()
         log.info("Devastator stopped")
+
+
+def _stop_actor(ref: pykka.ActorRef, timeout: float) -> None:
+    try:
+        ref.stop(timeout=timeout)
+    except pykka.Timeout:  # stuck in a call that does not return (a blackholed Redis): it cannot stop
+        log.error("%s did not stop within %g s", ref.actor_class.__name__, timeout)
+
+
+def _threads_still_running(timeout: float) -> list[str]:
+    """The names of threads (actors' greenlets, under gevent) other than this one still running after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    return [t.name for t in threading.enumerate() if t is not current and not t.daemon and t.is_alive()]
 
 
 def _page_routes() -> dict:

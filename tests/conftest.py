@@ -33,6 +33,11 @@ def settings(tmp_path: Path) -> Settings:
         ack_timeout=30.0,
         tick_interval=0.1,
         sqlite_synchronous="NORMAL",
+        # An in-process server shares its CPU and event loop with the test's clients: these
+        # overload signals would measure the test (tests/test_overload.py runs a server apart).
+        overload_cpu_percent=0,
+        overload_loop_lag=0,
+        overload_send_wait=0,
     )
 
 

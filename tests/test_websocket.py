@@ -275,3 +275,14 @@ def test_wss_when_tls_is_turned_on(servers):
         browser.close()
     with pytest.raises((ConnectionError, websocket.WebSocketException)):  # no plain ws:// on a TLS port
         websocket.create_connection(f"ws://{host}:{port}/ws", timeout=2).recv()
+
+
+def test_an_operator_route_that_fails_is_503_without_a_traceback(running, monkeypatch, caplog):
+    def failing():
+        raise TimeoutError("the store did not answer")
+
+    monkeypatch.setattr(running.server.operations, "debug_vars", failing)
+    status, _, body = _get(running, "/debug/vars")
+    assert status == 503 and b"the store did not answer" in body
+    assert not [record for record in caplog.records if record.exc_info]
+    assert _get(running, "/healthz")[0] == 200  # the port serves on

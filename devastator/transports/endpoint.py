@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import time
 from typing import Callable
 
 import gevent
@@ -20,6 +21,7 @@ from gevent.lock import Semaphore
 from gevent.pool import Group
 
 from ..actors.messages import ConnectionLost, ProtocolViolation, Received, tell_if_alive
+from ..admission import AdmissionControl
 from ..telemetry import Telemetry
 from .outbound import OutboundQueue
 
@@ -29,6 +31,7 @@ LISTEN_BACKLOG = 1024
 
 WRITER_DRAIN_SECONDS = 10.0
 CLOSE_GOING_AWAY = 1001
+CLOSE_OVERLOADED = 1013
 READS_IN_FLIGHT = 4  # reads told to a device actor and not yet picked up
 CREDIT_WAIT_SECONDS = 1.0
 
@@ -46,10 +49,12 @@ class Endpoint:
         new_device: Callable[[OutboundQueue], pykka.ActorRef],
         max_outbound_bytes: int,
         telemetry: Telemetry | None = None,
+        admission: AdmissionControl | None = None,
     ):
         self._new_device = new_device
         self._max_outbound_bytes = max_outbound_bytes
         self._telemetry = telemetry or Telemetry()
+        self._admission = admission  # asked before a connection is served; None: every one is
         self._writers = Group()
         self._connections: set[OutboundQueue] = set()
         self._server: BaseServer  # set by the subclass
@@ -93,18 +98,36 @@ class Endpoint:
         ``forward(bodies)`` hands what was read to the device actor. It blocks
         while READS_IN_FLIGHT earlier reads still wait in the actor's inbox, so
         a client that sends faster than its requests are handled is slowed
-        down to that pace (TCP pushes back on it) instead of filling memory.
+        down to that pace (TCP pushes back on it) instead of filling memory;
+        and, after the device actor refused a ``msg.send`` (-32003), until the
+        ``retry_after_ms`` it told the client has passed: a client that sends
+        on regardless is held back by TCP, not answered request by request.
+
+        While the server is overloaded, a new connection is told so
+        (``conn.close`` 1013) and closed: it gets no device actor.
         """
+        refusal = self._admission.refuse_connection() if self._admission is not None else None
+        if refusal is not None:
+            self._turn_away(outbound, read, refusal)
+            return
         self._connections.add(outbound)
         self._telemetry.connections_opened[self.transport] += 1
         device = self._new_device(outbound)
         credits = Semaphore(READS_IN_FLIGHT)
+        resume_at = 0.0  # the monotonic time before which the reader waits
+
+        def pause(seconds: float) -> None:
+            nonlocal resume_at
+            resume_at = max(resume_at, time.monotonic() + seconds)
 
         def forward(bodies: tuple, violation: ProtocolViolation | None = None) -> None:
+            wait = resume_at - time.monotonic()
+            if wait > 0:
+                gevent.sleep(wait)
             while not credits.acquire(timeout=CREDIT_WAIT_SECONDS):
                 if not device.is_alive():  # it crashed: nobody will take these
                     raise pykka.ActorDeadError(f"{device} stopped")
-            device.tell(Received(bodies, credits.release, violation))
+            device.tell(Received(bodies, credits.release, violation, pause))
 
         reason = "closed by peer"
         try:
@@ -120,6 +143,18 @@ class Endpoint:
             tell_if_alive(device, ConnectionLost(reason))  # it may have stopped (server stopping)
             outbound.close()
             outbound.wait_closed(timeout=WRITER_DRAIN_SECONDS)
+
+    def _turn_away(self, outbound: OutboundQueue, read: Callable[[Forward], str], overloaded: str) -> None:
+        outbound.close(CLOSE_OVERLOADED, f"overloaded ({overloaded}): try again later")
+        try:
+            read(_drop)  # a closing connection's reader drops what the peer still sends, until it closes
+        finally:
+            outbound.peer_done()
+            outbound.wait_closed(timeout=WRITER_DRAIN_SECONDS)
+
+
+def _drop(bodies: tuple, violation: ProtocolViolation | None = None) -> None:
+    """What a refused connection's reader hands on: nothing, there is no device actor."""
 
 
 def listener(host: str, port: int, *, reuse_port: bool):

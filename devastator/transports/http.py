@@ -28,6 +28,7 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 from wsproto.utilities import generate_accept_token
 
+from ..admission import AdmissionControl
 from ..telemetry import Telemetry
 from .endpoint import Endpoint, half_close, listener, shut_socket
 from .outbound import OutboundQueue
@@ -41,8 +42,8 @@ MAX_IGNORED_BODY_BYTES = 65536  # a body sent with a GET is read and dropped, up
 WEBSOCKET_PATH = "/ws"
 WEBSOCKET_VERSION = b"13"
 
-# An operator or page route: path -> (content type, function making the body).
-Route = tuple[str, Callable[[], bytes]]
+# An operator or page route: path -> (content type, function making the body, or (status, body)).
+Route = tuple[str, Callable[[], bytes | tuple[int, bytes]]]
 
 
 class _HeaderTimeout(Exception):
@@ -80,8 +81,10 @@ class HttpTransport(Endpoint):
         request_log=None,
         telemetry: Telemetry | None = None,
         reuse_port: bool = False,
+        admission: AdmissionControl | None = None,
     ):
-        super().__init__(new_device=new_device, max_outbound_bytes=max_outbound_bytes, telemetry=telemetry)
+        super().__init__(new_device=new_device, max_outbound_bytes=max_outbound_bytes, telemetry=telemetry,
+                         admission=admission)
         self._max_frame_bytes = max_frame_bytes
         self._read_timeout = read_timeout
         self._header_timeout = header_timeout
@@ -147,7 +150,15 @@ class HttpTransport(Endpoint):
             headers = [("Allow", "GET, HEAD")]
         elif path in self._routes:
             content_type, render = self._routes[path]
-            status, body, headers = 200, render(), [("Cache-Control", "no-cache")]
+            try:
+                rendered = render()
+            except Exception as error:  # what the page reports on is failing (the store is down): say so
+                if self._request_log is not None:
+                    self._request_log.warning(f"route {path}: {type(error).__name__}", "%s cannot be rendered: %r",
+                                              path, error)
+                content_type, rendered = "text/plain", (503, f"{path} is unavailable: {error!r}\n".encode())
+            status, body = rendered if isinstance(rendered, tuple) else (200, rendered)
+            headers = [("Cache-Control", "no-cache")]
         else:
             status, content_type, body, headers = 404, "text/plain", b"not found\n", []
         headers += [("Content-Type", content_type), ("Content-Length", str(len(body))),
