@@ -16,6 +16,7 @@ import inspect
 import itertools
 import os
 import pwd
+import signal
 import socket
 import sys
 import time
@@ -44,6 +45,7 @@ PROG = "devastator-console"
 HISTORY_FILE = ".devastator_console_history"
 HISTORY_LENGTH = 1000
 CALL_TIMEOUT = 30.0  # seconds: `actors` asks every user and device actor in turn
+WATCH_POLL_SECONDS = 0.2  # how soon `watch` notices Ctrl-C
 # The server is trusted: a listing of many actors may exceed a device's frame limit.
 MAX_FRAME_BYTES = 64 << 20
 READ_SIZE = 65536
@@ -594,10 +596,18 @@ class ConsoleShell(cmd.Cmd):
         client = self.client
         client.call("watch", {"user": user})
         print(f"watching {user}: Ctrl-C to stop", file=self.stderr, flush=True)
+        interrupted = []
+        # Ctrl-C only sets a flag: a KeyboardInterrupt raised between a recv and the decoding of
+        # what it read would lose those bytes, and the unwatch below would wait for an answer
+        # that can no longer be read.
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
         try:
             seen = 0
-            while count is None or seen < count:
-                notification = client.next_notification()
+            while (count is None or seen < count) and not interrupted:
+                try:
+                    notification = client.next_notification(timeout=WATCH_POLL_SECONDS)
+                except TimeoutError:
+                    continue
                 if notification.method != "watch.event" or not isinstance(notification.params, dict):
                     continue
                 if self.json_output:
@@ -605,9 +615,10 @@ class ConsoleShell(cmd.Cmd):
                 else:
                     self._print(render_watch_event(notification.params))
                 seen += 1
-        except KeyboardInterrupt:
-            if self.interactive:
-                self._print("")
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if interrupted and self.interactive:
+            self._print("")
         client.call("unwatch", {"user": user})
         client.discard_notifications()
 
