@@ -15,7 +15,7 @@ from devastator.config import Settings  # noqa: E402
 from devastator.identity import DeviceIdentity  # noqa: E402
 from devastator.secrets import JwtKeyFile  # noqa: E402
 from devastator.server import Server  # noqa: E402
-from devastator.store import SqliteStore  # noqa: E402
+from devastator.store.factory import make_store  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -63,8 +63,8 @@ class RunningServer:
         return self.settings.data_dir / "ca.pem"
 
     def register(self, user: str, device: str = "default") -> DeviceIdentity:
-        """Create the user and register the device, as ``devastator token`` does."""
-        store = SqliteStore(self.settings.db_path)
+        """Create the user and register the device, as ``devastator token`` does, in the server's store."""
+        store = make_store(self.settings)
         store.open()
         try:
             now = int(time.time() * 1000)

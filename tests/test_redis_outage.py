@@ -22,10 +22,8 @@ import gevent
 import pytest
 import redis as redis_py
 
-from conftest import RunningServer, start_server
+from conftest import start_server
 from devastator.actors.messages import Inspect
-from devastator.identity import DeviceIdentity
-from devastator.store import RedisStore
 from load import WAIT, Receiver, Sender, check_delivery
 from redis_server import RedisServer, free_port, require_redis_server
 
@@ -41,20 +39,6 @@ def redis(tmp_path):
         server.stop()
 
 
-class RedisRunning(RunningServer):
-    """A running server on the Redis store; users and devices are registered in Redis."""
-
-    def register(self, user: str, device: str = "default") -> DeviceIdentity:
-        store = RedisStore(self.settings.redis_url, prefix=self.settings.redis_prefix)
-        store.open()
-        try:
-            now = int(time.time() * 1000)
-            store.add_user(user, now)
-            return DeviceIdentity(user, device, store.add_device(user, device, now))
-        finally:
-            store.close()
-
-
 # Seconds a Redis command may take here: a paused Redis is found out fast.
 REDIS_SOCKET_TIMEOUT = 0.5
 
@@ -62,13 +46,11 @@ REDIS_SOCKET_TIMEOUT = 0.5
 @pytest.fixture
 def redis_running(settings, redis):
     """A server on the test's own redis-server (keys under a prefix of the test's)."""
-    running = RedisRunning(
-        start_server(
-            settings.replace(
-                store="redis", redis_url=redis.url, redis_prefix=f"t-{uuid.uuid4().hex[:8]}:",
-                redis_socket_timeout=REDIS_SOCKET_TIMEOUT,
-            )
-        ).server
+    running = start_server(
+        settings.replace(
+            store="redis", redis_url=redis.url, redis_prefix=f"t-{uuid.uuid4().hex[:8]}:",
+            redis_socket_timeout=REDIS_SOCKET_TIMEOUT,
+        )
     )
     yield running
     running.close_clients()
@@ -165,9 +147,7 @@ def test_the_cli_says_in_one_line_that_redis_does_not_answer(tmp_path):
 
 def test_a_stopped_server_leaves_no_connection_to_redis_open(settings, redis):
     raw = redis_py.Redis(host="127.0.0.1", port=redis.port, socket_timeout=WAIT)
-    running = RedisRunning(
-        start_server(settings.replace(store="redis", redis_url=redis.url, redis_prefix="closing:")).server
-    )
+    running = start_server(settings.replace(store="redis", redis_url=redis.url, redis_prefix="closing:"))
     alice = running.connect("alice")
     assert alice.send("alice", "to myself")["id"]
     assert len(raw.client_list()) >= 4  # the store's, the cluster's, its subscriber's, and this one
