@@ -8,8 +8,16 @@ backoff, whenever the connection drops::
 
     client = Client.connect_tls("127.0.0.1", 3001, ca="devastator-data/ca.pem")
     client.auth_jwt(token)
-    client.send("bob", {"text": "hello"})
+    client.send("bob", {"text": "hello"}, receipt=True)
     message = client.receive(timeout=5)
+    client.mark_read([message["id"]])
+    receipt = client.receive_receipt(timeout=5)  # {"id", "type", "message", "by", "ts"}
+    client.signal("bob", {"typing": True})
+    page = client.history("bob", limit=20)  # {"messages": [...], "more": bool}
+
+Messages, receipts and signals wait in three queues (``messages``,
+``receipts``, ``signals``); a ``msg.recv`` whose ``from`` is this client's own
+user is a copy of a message sent from another of its devices.
 """
 from __future__ import annotations
 
@@ -166,6 +174,8 @@ class Client:
         self._lock = threading.Lock()
         self._pending: dict[Any, Pending] = {}
         self.messages: queue.Queue = queue.Queue()  # msg.recv params, oldest first
+        self.receipts: queue.Queue = queue.Queue()  # msg.receipt params, oldest first
+        self.signals: queue.Queue = queue.Queue()  # msg.signal params, as they came
         self.echoes: queue.Queue = queue.Queue()
         self.closed = threading.Event()
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -315,24 +325,58 @@ class Client:
         self._credentials = ("auth.jwt", {"token": result["token"]})
         return result
 
-    def send_async(self, to, message, *, cid: str | None = None, ttl: int | None = None) -> Pending:
+    def send_async(self, to, message, *, cid: str | None = None, ttl: int | None = None,
+                   receipt: bool = False) -> Pending:
         params: dict[str, Any] = {"to": to, "message": message}
         if cid is not None:
             params["cid"] = cid
         if ttl is not None:
             params["ttl"] = ttl
+        if receipt:
+            params["receipt"] = True
         return self.request("msg.send", params)
 
-    def send(self, to, message, *, cid: str | None = None, ttl: int | None = None,
+    def send(self, to, message, *, cid: str | None = None, ttl: int | None = None, receipt: bool = False,
              timeout: float | None = None) -> dict:
-        return self.send_async(to, message, cid=cid, ttl=ttl).wait(self.timeout if timeout is None else timeout)
+        """``msg.send``; with ``receipt`` the sender's devices get delivered and read receipts."""
+        pending = self.send_async(to, message, cid=cid, ttl=ttl, receipt=receipt)
+        return pending.wait(self.timeout if timeout is None else timeout)
+
+    def mark_read(self, ids, timeout: float | None = None) -> str:
+        """``msg.read``: the senders of these messages that asked get read receipts."""
+        return self.call("msg.read", {"ids": list(ids)}, timeout)
+
+    def signal(self, to, data, timeout: float | None = None) -> str:
+        """``msg.signal``: ``data`` to the recipients' devices online now; never stored."""
+        return self.call("msg.signal", {"to": to, "signal": data}, timeout)
+
+    def history(self, with_user: str, *, before: str | None = None, limit: int | None = None,
+                timeout: float | None = None) -> dict:
+        """One ``msg.history`` page with ``with_user``, newest first: ``{"messages", "more"}``."""
+        params: dict[str, Any] = {"with": with_user}
+        if before is not None:
+            params["before"] = before
+        if limit is not None:
+            params["limit"] = limit
+        return self.call("msg.history", params, timeout)
 
     def receive(self, timeout: float | None = None) -> dict:
         """The next message (``msg.recv`` params); raises TimeoutError."""
+        return self._next(self.messages, timeout, "message")
+
+    def receive_receipt(self, timeout: float | None = None) -> dict:
+        """The next receipt (``msg.receipt`` params); raises TimeoutError."""
+        return self._next(self.receipts, timeout, "receipt")
+
+    def receive_signal(self, timeout: float | None = None) -> dict:
+        """The next signal (``msg.signal`` params); raises TimeoutError."""
+        return self._next(self.signals, timeout, "signal")
+
+    def _next(self, waiting: queue.Queue, timeout: float | None, what: str) -> dict:
         try:
-            return self.messages.get(timeout=self.timeout if timeout is None else timeout)
+            return waiting.get(timeout=self.timeout if timeout is None else timeout)
         except queue.Empty:
-            raise TimeoutError("no message in time") from None
+            raise TimeoutError(f"no {what} in time") from None
 
     def ack(self, ids) -> None:
         self._write([encode_batch([Response(message_id, "ACK") for message_id in ids])])
@@ -387,16 +431,21 @@ class Client:
                 else:
                     pending._set(error=item.to_exception())
             return None
-        if isinstance(item, Request) and item.method == "msg.recv":
-            message_id = item.id
+        if isinstance(item, Request) and item.method in ("msg.recv", "msg.receipt"):
+            # Both are deliveries: ACKed, and told apart from a redelivery by their id.
+            delivery_id = item.id
+            waiting = self.messages if item.method == "msg.recv" else self.receipts
             if not self.dedupe:
-                self.messages.put(item.params)
-            elif message_id not in self._seen:
-                self._seen[message_id] = None
+                waiting.put(item.params)
+            elif delivery_id not in self._seen:
+                self._seen[delivery_id] = None
                 if len(self._seen) > SEEN_IDS_KEPT:
                     self._seen.popitem(last=False)
-                self.messages.put(item.params)
-            return Response(message_id, "ACK") if self.auto_ack else None
+                waiting.put(item.params)
+            return Response(delivery_id, "ACK") if self.auto_ack else None
+        if isinstance(item, Notification) and item.method == "msg.signal":
+            self.signals.put(item.params)
+            return None
         if isinstance(item, Notification) and item.method == "conn.close" and isinstance(item.params, dict):
             self.close_reason = CloseReason(item.params.get("code"), item.params.get("reason", ""))
             return None

@@ -75,6 +75,14 @@ class Settings:
     max_cid_length: int = 128
     default_ttl: int = 2419200  # seconds (4 weeks)
     max_ttl: int = 2419200  # seconds
+    # msg.history keeps messages this long whatever their TTL (PROTOCOL.md 7); 0: history off.
+    history_period: int = 2592000  # seconds (30 days)
+    max_signal_bytes: int = 4096  # a msg.signal's "signal", serialized
+    signal_rate: int = 20  # msg.signal per second per connection (a token bucket); 0: no limit
+    signal_burst: int = 40  # msg.signal a connection may send at once beyond its rate
+    # Unsent output beyond which a connection's signals are dropped: they never delay its messages.
+    signal_drop_bytes: int = 262144
+    max_read_ids: int = 1000  # message ids in one msg.read
     read_timeout: float = 300.0  # seconds without input before a connection is closed (4003)
     ws_ping_interval: float = 25.0  # seconds of quiet before the server pings a WebSocket
     http_header_timeout: float = 10.0  # seconds for a TLS handshake plus a whole HTTP request head
@@ -507,6 +515,12 @@ _RULES: Mapping[str, _Rule] = types.MappingProxyType(
         "max_cid_length": _positive_integer_rule(),
         "default_ttl": _positive_integer_rule(),
         "max_ttl": _positive_integer_rule(),
+        "history_period": _non_negative_integer_rule(),
+        "max_signal_bytes": _positive_integer_rule(),
+        "signal_rate": _non_negative_integer_rule(),
+        "signal_burst": _positive_integer_rule(),
+        "signal_drop_bytes": _positive_integer_rule(),
+        "max_read_ids": _positive_integer_rule(),
         "read_timeout": _positive_seconds_rule(),
         "ws_ping_interval": _positive_seconds_rule(),
         "http_header_timeout": _positive_seconds_rule(),

@@ -118,7 +118,13 @@ class Server:
                 default_ttl=settings.default_ttl,
                 max_ttl=settings.max_ttl,
                 max_cid_length=settings.max_cid_length,
+                max_signal_bytes=settings.max_signal_bytes,
+                max_read_ids=settings.max_read_ids,
             ),
+            history=settings.history_period > 0,
+            signal_rate=settings.signal_rate,
+            signal_burst=settings.signal_burst,
+            signal_drop_bytes=settings.signal_drop_bytes,
         )
         push_providers = provider_starters(settings, self.push_counters)  # checked before anything starts
         store = self._store or make_store(settings)
@@ -152,6 +158,7 @@ class Server:
                 # A quarter: even resent twice over, a window stays within the outbound bound.
                 delivery_window_bytes=settings.max_outbound_bytes // 4,
                 telemetry=telemetry,
+                router=router_ref,  # assigned by the time the router starts a user actor
             ),
             user_idle_timeout=settings.user_idle_timeout,
             start_push=start_push if push_providers else None,

@@ -15,7 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 KNOWN_METHODS = frozenset(
-    ("ping", "auth.jwt", "auth.cert", "auth.google", "push.register", "msg.send", "msg.echo")
+    ("ping", "auth.jwt", "auth.cert", "auth.google", "push.register", "msg.send", "msg.echo", "msg.read",
+     "msg.signal", "msg.history")
 )
 # Seconds. Deliveries wait for a person's phone: the tail reaches minutes and hours.
 DELIVERY_LATENCY_BUCKETS = (
@@ -77,6 +78,17 @@ class Telemetry:
     messages_redelivered: int = 0  # msg.recv sent again after the ACK timeout
     messages_acked: int = 0
     messages_expired: int = 0  # dropped by the store at their TTL
+    # Receipts (PROTOCOL.md 7): stored for senders, by type ("delivered", "read"); sent as msg.receipt.
+    receipts_stored: Counter = field(default_factory=Counter)
+    receipts_delivered: int = 0  # msg.receipt sent, first time
+    copies_stored: int = 0  # copies of a message for its sender's other devices
+    # Signals: accepted from senders, handed to devices, dropped (a device's output backed up, rate).
+    signals_accepted: int = 0
+    signals_delivered: int = 0
+    signals_dropped: Counter = field(default_factory=Counter)  # by why: slow_consumer, rate
+    history_pages: int = 0  # msg.history pages answered
+    # The server API (PROTOCOL.md 8): requests by (route, HTTP status); routes are the fixed patterns.
+    api_requests: Counter = field(default_factory=Counter)
     # Connections and devices.
     connections_opened: Counter = field(default_factory=Counter)  # by transport
     connections_closed: Counter = field(default_factory=Counter)

@@ -40,6 +40,7 @@ from .messages import (
     Inspect,
     Poke,
     RedisAnswering,
+    Signal,
     tell_if_alive,
 )
 
@@ -112,9 +113,21 @@ class ClusterActor(pykka.ThreadingActor):
         elif isinstance(message, Announce):
             if not self._redis_call("announcements", self._announce, message.users):
                 self._keep_unannounced(message.users)
+        elif isinstance(message, Signal):
+            # Ephemeral: one Redis failed is one signal lost, never retried.
+            self._redis_call("signals", self._forward_signal, message)
         elif isinstance(message, RedisAnswering):
             self._redo()
         return None
+
+    def _forward_signal(self, signal: Signal) -> None:
+        for node, node_users in self._presence.nodes_of(signal.recipients).items():
+            self._client.publish(self._keys.channel(node), orjson.dumps({"signal": {
+                "from": signal.sender,
+                "to": sorted(node_users),
+                "signal": orjson.Fragment(signal.signal_json),
+                "ts": signal.ts,
+            }}))
 
     def _redis_call(self, kind: str, call, *args) -> bool:
         """Run ``call``; False if Redis failed it (counted as ``kind``)."""
@@ -205,9 +218,26 @@ class ClusterActor(pykka.ThreadingActor):
             users = orjson.loads(data)
         except orjson.JSONDecodeError:
             users = None
+        if isinstance(users, dict):
+            self._relay_signal(users.get("signal"), data)
+            return
         if not isinstance(users, list) or not all(isinstance(user, str) for user in users):
             # Someone else's publication on our channel: nothing to act on, worth a line.
             self._bad_news.warning("publication", "cluster: ignored a publication that is not a list of users:"
                                    " %.100r", data)
             return
         self._router.tell(Poke(tuple(users)))
+
+    def _relay_signal(self, signal, data: bytes) -> None:
+        """A signal another node published for users with devices here: to the router, as if sent here."""
+        if (
+            not isinstance(signal, dict)
+            or not isinstance(signal.get("from"), str)
+            or not isinstance(signal.get("to"), list)
+            or not all(isinstance(user, str) for user in signal["to"])
+            or not isinstance(signal.get("ts"), int)
+            or "signal" not in signal
+        ):
+            self._bad_news.warning("publication", "cluster: ignored a publication that is not a signal: %.100r", data)
+            return
+        self._router.tell(Signal(signal["from"], tuple(signal["to"]), orjson.dumps(signal["signal"]), signal["ts"]))

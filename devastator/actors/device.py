@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Container, Protocol, Sequence
@@ -18,7 +19,8 @@ import orjson
 import pykka
 
 from .. import protocol
-from ..admission import ConnectionAdmission
+from ..admission import ConnectionAdmission, TokenBucket
+from ..store import COPY, RECEIPT, StoredMessage
 from ..identity import DeviceIdentity
 from ..telemetry import Telemetry
 from ..protocol import (
@@ -51,6 +53,12 @@ from .messages import (
     AuthFailed,
     ConnectionLost,
     Deliver,
+    DeliverSignal,
+    HistoryLoaded,
+    LoadHistory,
+    MarkRead,
+    ReadMarked,
+    Signal,
     DeviceOffline,
     DeviceOnline,
     Inspect,
@@ -89,6 +97,7 @@ class Outbound(Protocol):
 
     remote: str
     peer_identity: DeviceIdentity | None  # named by a client certificate the handshake verified
+    unsent_bytes: int  # queued, not yet written
 
     def send(self, bodies: Sequence[bytes]) -> None:
         """Queue JSON values to write, without blocking."""
@@ -124,6 +133,10 @@ class DeviceLimits:
     max_frame_bytes: int = 1 << 20
     max_pending_requests: int = 1000
     message_limits: protocol.Limits = field(default_factory=protocol.Limits)
+    history: bool = True  # msg.history is served (history_period > 0)
+    signal_rate: int = 20  # msg.signal per second (a token bucket); 0: no limit
+    signal_burst: int = 40
+    signal_drop_bytes: int = 262144  # unsent output beyond which signals to this connection are dropped
 
 
 class _BatchReply:
@@ -149,6 +162,18 @@ class _Waiting:
     batch: _BatchReply | None
 
 
+def _recv_params(m: StoredMessage) -> dict:
+    """``msg.recv`` params (PROTOCOL.md 5): a COPY carries the "to" as sent, any other its recipient."""
+    return {
+        "id": m.id,
+        "from": m.sender,
+        "to": orjson.Fragment(m.to_json) if m.kind == COPY else m.recipient,
+        "message": orjson.Fragment(m.message_json),
+        "ts": m.ts,
+        "expires": m.expires,
+    }
+
+
 class DeviceActor(pykka.ThreadingActor):
     def __init__(
         self,
@@ -163,6 +188,7 @@ class DeviceActor(pykka.ThreadingActor):
         push_platforms: Container[str] = frozenset(),
         telemetry: Telemetry | None = None,
         admission: ConnectionAdmission | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         super().__init__()
         self._connection = connection
@@ -193,6 +219,10 @@ class DeviceActor(pykka.ThreadingActor):
         # What an auth.google answer adds to user and device, by request key.
         self._issued: dict[int, dict] = {}
         self._closed = False
+        self._signals = (
+            TokenBucket(limits.signal_rate, limits.signal_burst, clock()) if limits.signal_rate else None
+        )
+        self._clock = clock
 
     # -- pykka ------------------------------------------------------------------
 
@@ -229,6 +259,12 @@ class DeviceActor(pykka.ThreadingActor):
                     self._resolve(result.request_key, result={"id": result.id, "ts": result.ts})
         elif isinstance(message, Deliver):
             self._deliver(message)
+        elif isinstance(message, DeliverSignal):
+            self._deliver_signal(message)
+        elif isinstance(message, ReadMarked):
+            self._resolve(message.request_key, result="ACK", error=message.error)
+        elif isinstance(message, HistoryLoaded):
+            self._on_history(message)
         elif isinstance(message, Authenticated):
             self._on_authenticated(message)
         elif isinstance(message, PushTokenSet):
@@ -340,6 +376,19 @@ class DeviceActor(pykka.ThreadingActor):
             raise NotAuthenticated(f"{method} needs an authenticated connection (auth.jwt or auth.cert)")
         if method == "msg.send":
             self._send(params, request_id, notification, batch)
+        elif method == "msg.read":
+            read = protocol.parse_read(params, self._limits.message_limits)
+            key = self._wait(request_id, notification, batch)
+            self._store.tell(MarkRead(self.user, read.ids, key, self.actor_ref, self._router))
+        elif method == "msg.signal":
+            self._signal(params, request_id, notification, batch)
+        elif method == "msg.history":
+            if not self._limits.history:
+                raise MethodNotFound("msg.history: this server keeps no history (history_period is 0)")
+            history = protocol.parse_history(params)
+            key = self._wait(request_id, notification, batch)
+            self._store.tell(LoadHistory(self.user, history.with_user, history.before, history.limit, key,
+                                         self.actor_ref))
         elif method == "msg.echo":
             echo = protocol.parse_echo(params, self._limits.message_limits)
             self._reply_result(batch, request_id, notification, "ACK")
@@ -451,9 +500,37 @@ class DeviceActor(pykka.ThreadingActor):
         self._pending_sends += 1
         key = self._wait(request_id, notification, batch)
         self._store.tell(
-            Append(self.user, send.to, send.message_json, send.cid, send.ttl, key, self.actor_ref, self._router)
+            Append(self.user, send.to, send.message_json, send.cid, send.ttl, key, self.actor_ref, self._router,
+                   send.receipt, send.to_json, self.device)
         )
         self._admission.sent()
+
+    def _signal(self, params, request_id, notification, batch) -> None:
+        signal = protocol.parse_signal(params, self._limits.message_limits)
+        bucket = self._signals
+        if bucket is not None:
+            now = self._clock()
+            if bucket.refill(now, 1.0) < 1.0:
+                self._telemetry.signals_dropped["rate"] += 1
+                raise Overloaded(
+                    f"more than {self._limits.signal_rate} signals a second",
+                    retry_after_ms=max(1, round(1000 * bucket.seconds_to_half_full(1.0))),
+                )
+            bucket.tokens -= 1.0
+        self._telemetry.signals_accepted += 1
+        ts = int(time.time() * 1000)
+        self._router.tell(Signal(self.user, signal.to, signal.signal_json, ts, self.actor_ref))
+        self._reply_result(batch, request_id, notification, "ACK")
+
+    def _on_history(self, loaded: HistoryLoaded) -> None:
+        if loaded.error is not None:
+            self._resolve(loaded.request_key, error=loaded.error)
+            return
+        self._telemetry.history_pages += 1
+        self._resolve(
+            loaded.request_key,
+            result={"messages": [_recv_params(m) for m in loaded.messages], "more": loaded.more},
+        )
 
     # -- answering -------------------------------------------------------------------
 
@@ -506,18 +583,8 @@ class DeviceActor(pykka.ThreadingActor):
 
     def _deliver(self, deliver: Deliver) -> None:
         requests = [
-            Request(
-                "msg.recv",
-                {
-                    "id": m.id,
-                    "from": m.sender,
-                    "to": m.recipient,
-                    "message": orjson.Fragment(m.message_json),
-                    "ts": m.ts,
-                    "expires": m.expires,
-                },
-                m.id,
-            )
+            Request("msg.receipt", orjson.Fragment(m.message_json), m.id) if m.kind == RECEIPT
+            else Request("msg.recv", _recv_params(m), m.id)
             for m in deliver.messages
         ]
         if deliver.as_batch:
@@ -526,6 +593,19 @@ class DeviceActor(pykka.ThreadingActor):
             )
         else:
             self._out.extend(encode(request) for request in requests)
+
+    def _deliver_signal(self, signal: DeliverSignal) -> None:
+        if self._closed or self._connection.unsent_bytes > self._limits.signal_drop_bytes:
+            # Ephemeral: a connection behind on its output gets its messages first, and no signals.
+            self._telemetry.signals_dropped["slow_consumer"] += 1
+            return
+        self._telemetry.signals_delivered += 1
+        self._out.append(encode(Notification("msg.signal", {
+            "from": signal.sender,
+            "to": signal.recipient,
+            "signal": orjson.Fragment(signal.signal_json),
+            "ts": signal.ts,
+        })))
 
     def _flush(self) -> None:
         if self._out and not self._closed:

@@ -57,7 +57,11 @@ class ConnectionLost:
 
 @dataclass(frozen=True, slots=True)
 class Append:
-    """Store a ``msg.send``; answer ``reply_to`` with SendResults, tell ``notify`` Committed."""
+    """Store a ``msg.send``; answer ``reply_to`` with SendResults, tell ``notify`` Committed.
+
+    Made by a device actor for a socket's ``msg.send`` and by the API actor for
+    ``POST /api/v1/send``: one path to the store for both.
+    """
 
     sender: str
     recipients: tuple[str, ...]
@@ -67,6 +71,10 @@ class Append:
     request_key: int
     reply_to: ActorRef
     notify: ActorRef
+    receipt: bool = False  # the sender asked for receipts
+    to_json: bytes = b""  # "to" as sent (copies carry it); empty: the recipients as a list
+    # The device that sent it, which gets no copy; None (the server API): every device of the sender gets one.
+    origin_device: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,9 +165,49 @@ class PendingLoaded:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
+    """The device has these deliveries; receipts they make are told to ``notify`` as Committed."""
+
     user: str
     device: str
     seqs: tuple[int, ...]
+    notify: ActorRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MarkRead:
+    """``msg.read``: store read receipts; answer ``reply_to`` ReadMarked, tell ``notify`` Committed."""
+
+    user: str
+    ids: tuple[str, ...]
+    request_key: int
+    reply_to: ActorRef
+    notify: ActorRef
+
+
+@dataclass(frozen=True, slots=True)
+class ReadMarked:
+    request_key: int
+    error: RpcError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadHistory:
+    """``msg.history``: a page of the conversation of ``user`` with ``peer``, newest first."""
+
+    user: str
+    peer: str
+    before: str | None
+    limit: int
+    request_key: int
+    reply_to: ActorRef
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryLoaded:
+    request_key: int
+    messages: tuple[StoredMessage, ...] = ()
+    more: bool = False
+    error: RpcError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +321,34 @@ class DeviceRemoved:
 @dataclass(frozen=True, slots=True)
 class Revoked:
     """The device was removed: its connection closes."""
+
+
+# -- signals: device -> router -> user -> device; router <-> cluster actor ------------
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """A ``msg.signal``: handed to the recipients' devices online now, never stored.
+
+    ``origin`` is the connection that sent it (it gets no echo of its own), or
+    None when it came from another node.
+    """
+
+    sender: str
+    recipients: tuple[str, ...]
+    signal_json: bytes
+    ts: int  # ms since the epoch
+    origin: ActorRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverSignal:
+    """user -> device: write the ``msg.signal`` notification (dropped if the connection's output is backed up)."""
+
+    sender: str
+    recipient: str
+    signal_json: bytes
+    ts: int
 
 
 # -- user -> device -------------------------------------------------------------

@@ -5,6 +5,10 @@ those that have had no device online for a while: a million users do not need
 a million live actors. Every device coming and going passes through here,
 which is what lets the router know when a user actor is idle without asking it.
 
+Signals (``msg.signal``) pass through here on their way to the user actors
+of their recipients that have devices online, and to the cluster actor for
+the other nodes; a user with nothing online here gets none.
+
 It also polls the store for removed devices (an operator may remove one from
 another process) and has their connections closed, and tells the push
 dispatcher which devices a new message found offline.
@@ -39,6 +43,7 @@ from .messages import (
     Poke,
     PollRemovals,
     PurgeExpired,
+    Signal,
     Tick,
     Unwatch,
     WakeDevices,
@@ -146,6 +151,8 @@ class RouterActor(pykka.ThreadingActor):
                     live.watchers.remove(message.watcher)
                 live.idle_since = self._now
                 self._tell_user(message.user, live, message)
+        elif isinstance(message, Signal):
+            self._route_signal(message)
         elif isinstance(message, Poke):
             users = self._users if message.users is None else message.users
             for user in list(users):
@@ -187,6 +194,14 @@ class RouterActor(pykka.ThreadingActor):
             )
             if offline:
                 _tell_helper(self._push, WakeDevices(offline))
+
+    def _route_signal(self, signal: Signal) -> None:
+        for user in signal.recipients:
+            live = self._users.get(user)
+            if live is not None and live.online:
+                self._tell_user(user, live, signal)
+        if signal.origin is not None:  # sent here: the other nodes' devices get it too
+            _tell_helper(self._cluster, signal)
 
     def _tick(self, tick: Tick) -> None:
         self._now = tick.now

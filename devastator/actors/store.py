@@ -28,12 +28,15 @@ from collections import defaultdict
 
 import gevent
 import gevent.event
+import orjson
 import pykka
 
 from ..outage_log import OutageLog
 from ..protocol.errors import Forbidden, InternalError, UnknownRecipient
 from ..store import (
     PushTarget,
+    Receipts,
+    Send,
     Store,
     StoredMessage,
     StoreError,
@@ -52,7 +55,11 @@ from .messages import (
     DevicesRemoved,
     ExpireUser,
     FindPushDevice,
+    HistoryLoaded,
     Inspect,
+    LoadHistory,
+    MarkRead,
+    ReadMarked,
     LoadPending,
     PendingLoaded,
     PollRemovals,
@@ -265,7 +272,12 @@ class StoreActor(pykka.ThreadingActor):
         store = self._store
         try:
             accepted_all = store.append_many(
-                [(send.sender, send.recipients, send.message_json, send.cid, send.ttl) for send in sends], now_ms
+                [
+                    Send(send.sender, send.recipients, send.message_json, send.cid, send.ttl, send.receipt,
+                         send.to_json, send.origin_device)
+                    for send in sends
+                ],
+                now_ms,
             )
         except Exception as error:
             if store.all_or_nothing:
@@ -295,8 +307,16 @@ class StoreActor(pykka.ThreadingActor):
     def _apply(self, request, now_ms: int):
         store = self._store
         if isinstance(request, Ack):
-            store.ack(request.user, request.device, request.seqs)
-            return None
+            return store.ack(request.user, request.device, request.seqs, now_ms)
+        if isinstance(request, MarkRead):
+            return store.mark_read(request.user, request.ids, now_ms)
+        if isinstance(request, LoadHistory):
+            try:
+                page = store.history(request.user, request.peer, request.before, request.limit, now_ms)
+            except UnknownUserError as unknown:
+                return HistoryLoaded(request.request_key, error=UnknownRecipient(
+                    f"no user {request.peer!r}", data={"unknown": list(unknown.args[0])}))
+            return HistoryLoaded(request.request_key, page.messages, page.more)
         if isinstance(request, LoadPending):
             messages = store.load_pending(
                 request.user, request.device, request.after_seq, request.limit, now_ms
@@ -362,8 +382,20 @@ class StoreActor(pykka.ThreadingActor):
                     stored.extend(messages)
                     wake.extend(push_targets)
                     users.update(dict.fromkeys(recheck))
+            elif isinstance(request, (Ack, MarkRead)):
+                # Receipts stored: told to the router like a send's entries, the sender's devices woken.
+                if isinstance(outcome, Receipts) and outcome.messages and request.notify is not None:
+                    for receipt in outcome.messages:
+                        self._telemetry.receipts_stored[_receipt_type(receipt)] += 1
+                    stored, wake, _ = committed.setdefault(request.notify, ([], [], {}))
+                    stored.extend(outcome.messages)
+                    wake.extend(_wake(outcome.messages, outcome.push_targets))
+                if isinstance(request, MarkRead):
+                    error = None if isinstance(outcome, Receipts) else InternalError(
+                        "the message store failed; retry later")
+                    tell_if_alive(request.reply_to, ReadMarked(request.request_key, error))
             elif isinstance(request, (LoadPending, AttachDevice, Register, PollRemovals, SetPushToken,
-                                      FindPushDevice, ExpireUser)):
+                                      FindPushDevice, ExpireUser, LoadHistory)):
                 tell_if_alive(request.reply_to, outcome)
         for ref, (stored, wake, users) in committed.items():
             tell_if_alive(ref, Committed(tuple(stored), tuple(wake), recheck=tuple(users)))
@@ -371,8 +403,12 @@ class StoreActor(pykka.ThreadingActor):
             tell_if_alive(ref, SendResults(tuple(batch)))
 
 
+def _receipt_type(receipt: StoredMessage) -> str:
+    return orjson.loads(receipt.message_json)["type"]
+
+
 def _wake(messages: tuple[StoredMessage, ...], push_targets: tuple[PushTarget, ...]) -> tuple:
-    """(push target, the message stored for its user) for each target."""
+    """(push target, the newest entry stored for its user) for each target."""
     if not push_targets:
         return ()
     by_recipient = {message.recipient: message for message in messages}
@@ -399,4 +435,6 @@ def _failed(request, *, recheck: bool = False):
         return PushDeviceFound(request.request_key, None, None)
     if isinstance(request, ExpireUser):
         return UserExpired(request.request_key, 0)
+    if isinstance(request, LoadHistory):
+        return HistoryLoaded(request.request_key, error=error)
     return None

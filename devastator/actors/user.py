@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import pykka
 
-from ..store import StoredMessage
+from ..store import RECEIPT, StoredMessage
 from ..telemetry import Telemetry
 from .messages import (
     Ack,
@@ -31,6 +31,7 @@ from .messages import (
     AuthFailed,
     Committed,
     Deliver,
+    DeliverSignal,
     DeviceAttached,
     DeviceOffline,
     DeviceOnline,
@@ -44,6 +45,7 @@ from .messages import (
     Poke,
     Replaced,
     Revoked,
+    Signal,
     Tick,
     Unwatch,
     UserActorFailed,
@@ -86,11 +88,13 @@ class UserActor(pykka.ThreadingActor):
         clock=time.monotonic,
         wall_clock_ms=lambda: int(time.time() * 1000),
         telemetry: Telemetry | None = None,
+        router: pykka.ActorRef | None = None,
     ):
         super().__init__()
         self._telemetry = telemetry or Telemetry()
         self.user = user
         self._store = store
+        self._router = router  # told the receipts an ACK stores (through the store actor)
         self._ack_timeout = ack_timeout
         self._window = delivery_window
         # The byte bound keeps a backlog of big messages within what a
@@ -146,6 +150,8 @@ class UserActor(pykka.ThreadingActor):
                 slot.inflight_bytes = 0
         elif isinstance(message, Poke):
             self._on_poke()
+        elif isinstance(message, Signal):
+            self._on_signal(message)
         elif isinstance(message, Watch):
             self._watchers.add(message.watcher)
         elif isinstance(message, Unwatch):
@@ -240,9 +246,16 @@ class UserActor(pykka.ThreadingActor):
                 continue
             if not slot.caught_up:
                 continue  # they wait in the store behind the cursor
-            fresh = [m for m in committed.messages if m.seq > slot.cursor]
+            # The device that sent a message has no copy of it waiting (see Store.append).
+            fresh = [m for m in committed.messages if m.seq > slot.cursor and m.origin_device != device]
             if not self._send(device, slot, fresh, as_batch=False):
                 slot.caught_up = False  # the rest waits in the store behind the cursor
+
+    def _on_signal(self, signal: Signal) -> None:
+        deliver = DeliverSignal(signal.sender, self.user, signal.signal_json, signal.ts)
+        for device, slot in list(self._devices.items()):
+            if slot.ref != signal.origin:
+                self._tell_device(device, slot, deliver)
 
     def _on_poke(self) -> None:
         # Stored on another node: what is new waits in the store beyond each cursor.
@@ -269,7 +282,9 @@ class UserActor(pykka.ThreadingActor):
         now_ms = self._wall_clock_ms()
         for flight in done:
             telemetry.delivery_seconds.observe((now_ms - flight.message.ts) / 1000)
-        self._store.tell(Ack(self.user, acked.device, tuple(flight.message.seq for flight in done)))
+        self._store.tell(
+            Ack(self.user, acked.device, tuple(flight.message.seq for flight in done), self._router)
+        )
         if not slot.caught_up and self._has_room(slot):
             self._load(acked.device, slot)
 
@@ -291,7 +306,9 @@ class UserActor(pykka.ThreadingActor):
                 slot.inflight[message.id] = _InFlight(message, now)
             slot.inflight_bytes = self._window_bytes - byte_room
             slot.cursor = sending[-1].seq
-            self._telemetry.messages_delivered += taken
+            receipts = sum(1 for message in sending if message.kind == RECEIPT)
+            self._telemetry.messages_delivered += taken - receipts
+            self._telemetry.receipts_delivered += receipts
             self._watch("delivered", device, tuple(message.id for message in sending))
             self._tell_device(device, slot, Deliver(tuple(sending), as_batch=as_batch))
         return taken == len(messages)

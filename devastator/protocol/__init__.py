@@ -47,6 +47,12 @@ from .methods import (
     parse_echo,
     parse_push_register,
     parse_send,
+    ReadParams,
+    SignalParams,
+    HistoryParams,
+    parse_read,
+    parse_signal,
+    parse_history,
 )
 
 __all__ = [
@@ -91,4 +97,10 @@ __all__ = [
     "parse_auth_google",
     "is_valid_user_id",
     "is_valid_device_id",
+    "ReadParams",
+    "SignalParams",
+    "HistoryParams",
+    "parse_read",
+    "parse_signal",
+    "parse_history",
 ]

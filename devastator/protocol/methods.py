@@ -36,6 +36,15 @@ __all__ = [
     "parse_push_register",
     "GoogleAuthParams",
     "parse_auth_google",
+    "ReadParams",
+    "parse_read",
+    "SignalParams",
+    "parse_signal",
+    "HistoryParams",
+    "parse_history",
+    "MAX_HISTORY_PAGE",
+    "DEFAULT_HISTORY_PAGE",
+    "MAX_MESSAGE_ID_CHARS",
 ]
 
 USER_ID_PATTERN = re.compile(r"[A-Za-z0-9._@-]{1,64}")
@@ -46,6 +55,11 @@ MAX_PUSH_TOKEN_CHARS = 4096
 # A PEM certificate signing request is a few kilobytes even with RSA-4096.
 MAX_CSR_CHARS = 16384
 PUSH_PLATFORMS = frozenset(("apns", "gcm", "fcm"))
+# msg.history pages (PROTOCOL.md 7).
+MAX_HISTORY_PAGE = 100
+DEFAULT_HISTORY_PAGE = 50
+# Message and receipt ids are the server's own (under 100 characters); longer is no id of ours.
+MAX_MESSAGE_ID_CHARS = 256
 
 
 def is_valid_user_id(s: Any) -> bool:
@@ -64,6 +78,8 @@ class Limits:
     default_ttl: int = 2419200  # 4 weeks, in seconds
     max_ttl: int = 2419200
     max_cid_length: int = 128
+    max_signal_bytes: int = 4096
+    max_read_ids: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +88,27 @@ class SendParams:
     message_json: bytes
     cid: str | None
     ttl: int
+    receipt: bool = False
+    # "to" as sent, serialized: a string or an array (what copies to the sender's devices carry).
+    to_json: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadParams:
+    ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SignalParams:
+    to: tuple[str, ...]
+    signal_json: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryParams:
+    with_user: str
+    before: str | None
+    limit: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,13 +205,75 @@ def _ttl(params: dict, limits: Limits) -> int:
     return min(ttl, limits.max_ttl)
 
 
+def _to_json(to: tuple[str, ...], params: dict) -> bytes:
+    return orjson.dumps(to[0] if type(params["to"]) is str else list(to))
+
+
+def _boolean(params: dict, field: str) -> bool:
+    value = params.get(field)
+    if value is None:
+        return False
+    if type(value) is not bool:
+        raise InvalidParams(f'"{field}" must be true or false')
+    return value
+
+
 def parse_send(params: Any, limits: Limits) -> SendParams:
     """Validate ``msg.send`` params."""
     params = _require_object(params)
     to = _recipients(params, limits)
     message_json = _message_json(params, limits)
     cid = _string(params, "cid", limits.max_cid_length, required=False)
-    return SendParams(to, message_json, cid, _ttl(params, limits))
+    receipt = _boolean(params, "receipt")
+    return SendParams(to, message_json, cid, _ttl(params, limits), receipt, _to_json(to, params))
+
+
+def parse_read(params: Any, limits: Limits) -> ReadParams:
+    """Validate ``msg.read`` params: ``{"ids": [message ids]}``."""
+    ids = _require_object(params).get("ids")
+    if type(ids) is not list:
+        raise InvalidParams('"ids" must be an array of message ids')
+    for message_id in ids:
+        if type(message_id) is not str or not message_id or len(message_id) > MAX_MESSAGE_ID_CHARS:
+            raise InvalidParams('"ids" must be an array of message ids (non-empty strings)')
+    unique = tuple(dict.fromkeys(ids))
+    if len(unique) > limits.max_read_ids:
+        raise TooLarge(f'"ids" has {len(unique)} ids, over the limit of {limits.max_read_ids}')
+    return ReadParams(unique)
+
+
+def parse_signal(params: Any, limits: Limits) -> SignalParams:
+    """Validate ``msg.signal`` params: ``{"to", "signal"}``, the signal at most ``max_signal_bytes``."""
+    params = _require_object(params)
+    to = _recipients(params, limits)
+    if "signal" not in params:
+        raise InvalidParams('missing field "signal"')
+    try:
+        signal_json = orjson.dumps(params["signal"])
+    except orjson.JSONEncodeError as exc:
+        raise InvalidParams(f'"signal" is not serializable: {exc}') from None
+    if len(signal_json) > limits.max_signal_bytes:
+        raise TooLarge(
+            f'"signal" is {len(signal_json)} bytes, over the limit of {limits.max_signal_bytes} bytes'
+        )
+    return SignalParams(to, signal_json)
+
+
+def parse_history(params: Any) -> HistoryParams:
+    """Validate ``msg.history`` params: ``{"with", "before"?, "limit"?}``."""
+    params = _require_object(params)
+    with_user = params.get("with")
+    if not is_valid_user_id(with_user):
+        raise InvalidParams('"with" must be a user id')
+    before = _string(params, "before", MAX_MESSAGE_ID_CHARS, required=False)
+    limit = params.get("limit")
+    if limit is None:
+        limit = DEFAULT_HISTORY_PAGE
+    elif type(limit) is float and limit.is_integer():
+        limit = int(limit)
+    if type(limit) is not int or not 1 <= limit <= MAX_HISTORY_PAGE:
+        raise InvalidParams(f'"limit" must be an integer from 1 to {MAX_HISTORY_PAGE}')
+    return HistoryParams(with_user, before, limit)
 
 
 def parse_echo(params: Any, limits: Limits) -> EchoParams:

@@ -2,6 +2,15 @@
 from .base import (
     Accepted,
     Attachment,
+    COPY,
+    MESSAGE,
+    RECEIPT,
+    NO_RECEIPTS,
+    HistoryPage,
+    Receipts,
+    Send,
+    receipt_id,
+    receipt_json,
     DeviceRecord,
     MessageIds,
     PushTarget,
@@ -17,6 +26,15 @@ from .redis import RedisStore
 from .sqlite import SqliteStore
 
 __all__ = [
+    "COPY",
+    "MESSAGE",
+    "RECEIPT",
+    "NO_RECEIPTS",
+    "HistoryPage",
+    "Receipts",
+    "Send",
+    "receipt_id",
+    "receipt_json",
     "Accepted",
     "Attachment",
     "DeviceRecord",

@@ -13,12 +13,26 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass
-from typing import ContextManager, Protocol, Sequence
+from typing import ContextManager, NamedTuple, Protocol, Sequence
+
+import orjson
+
+# What a mailbox entry is (StoredMessage.kind): how it is delivered.
+MESSAGE = "msg"  # a message to its recipient: msg.recv
+COPY = "copy"  # a message in its sender's own mailbox, for the sender's other devices: msg.recv
+RECEIPT = "receipt"  # a receipt for a message's sender: msg.receipt, message_json its params
 
 
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
-    """One message in one recipient's mailbox, as delivered in ``msg.recv``."""
+    """One entry in one user's mailbox, as delivered in ``msg.recv`` (or ``msg.receipt``).
+
+    ``recipient`` is the mailbox's owner. A COPY has ``sender == recipient``
+    and carries the ``to`` as sent in ``to_json``; a RECEIPT's ``sender`` is
+    the user who received (or read) the message, its ``message_json`` the
+    whole ``msg.receipt`` params object. In a history page (``seq`` 0) an entry
+    is a MESSAGE as its recipient got it.
+    """
 
     seq: int  # the store's acceptance order; per recipient it is the delivery order
     id: str
@@ -27,6 +41,23 @@ class StoredMessage:
     message_json: bytes
     ts: int  # ms since the epoch, when it was accepted
     expires: int  # ms since the epoch
+    kind: str = MESSAGE
+    to_json: bytes = b""  # a COPY: the "to" as sent (a JSON string or array)
+    # A COPY just stored: the device that sent it, which does not wait for it. Not kept by the store.
+    origin_device: str | None = None
+
+
+class Send(NamedTuple):
+    """One ``msg.send`` for ``append_many`` (the parameters of ``append``)."""
+
+    sender: str
+    recipients: Sequence[str]
+    message_json: bytes
+    cid: str | None
+    ttl_seconds: int
+    receipt: bool = False
+    to_json: bytes = b""
+    origin_device: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +84,25 @@ class Accepted:
     # Recipients an earlier try of this ``cid`` reached although it failed: their
     # live devices may never have been told, so their mailboxes are read again.
     recheck: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Receipts:
+    """Receipts a call stored in their owners' mailboxes: told and pushed like the entries of a send."""
+
+    messages: tuple[StoredMessage, ...] = ()
+    push_targets: tuple[PushTarget, ...] = ()
+
+
+NO_RECEIPTS = Receipts()
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """Messages of a conversation, newest first; ``more``: older ones are kept too."""
+
+    messages: tuple[StoredMessage, ...]
+    more: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +183,10 @@ class Store(Protocol):
     def batch(self) -> ContextManager[None]:
         """Group the calls made inside into one durable commit."""
 
+    # The history period in ms (PROTOCOL.md 7): messages are kept for ``history`` this
+    # long whatever their TTL; 0: no history is kept. Set before ``open``.
+    history_period_ms: int
+
     def append(
         self,
         sender: str,
@@ -141,13 +195,29 @@ class Store(Protocol):
         cid: str | None,
         ttl_seconds: int,
         now_ms: int,
+        *,
+        receipt: bool = False,
+        to_json: bytes = b"",
+        origin_device: str | None = None,
     ) -> Accepted:
-        """Store a message for every recipient; raises UnknownUserError."""
+        """Store a message for every recipient; raises UnknownUserError.
+
+        Also, unless the sender is among the recipients: a COPY in the
+        sender's mailbox, waiting for each of its devices but ``origin_device``
+        (none is stored when no such device exists); ``to_json`` is the "to"
+        it carries (empty: the recipients as a JSON array). With ``receipt``,
+        each recipient but the sender gets a receipt record: its first ACK
+        (``ack``) and its ``mark_read`` then store receipts for the sender.
+        While ``history_period_ms`` is set, the message enters the history of
+        each (sender, recipient) conversation. ``Accepted.messages`` holds
+        the recipients' entries, then the copy; ``push_targets`` only the
+        recipients' devices (a copy wakes nobody).
+        """
 
     def append_many(
-        self, sends: Sequence[tuple], now_ms: int
+        self, sends: Sequence[Send], now_ms: int
     ) -> list[Accepted | UnknownUserError | StoreError]:
-        """``append`` for each (sender, recipients, message_json, cid, ttl_seconds), in order.
+        """``append`` for each Send, in order.
 
         A send with an unknown recipient gets its UnknownUserError in its place
         in the results; the others are stored. A store may send them together.
@@ -169,11 +239,38 @@ class Store(Protocol):
     ) -> list[StoredMessage]:
         """Unexpired messages waiting for the device with seq > after_seq, oldest first."""
 
-    def ack(self, user: str, device: str, seqs: Sequence[int]) -> None:
-        """The device has the messages; retire those no device waits for any more."""
+    def ack(self, user: str, device: str, seqs: Sequence[int], now_ms: int) -> Receipts:
+        """The device has the entries; retire those no device waits for any more.
+
+        A MESSAGE that asked for receipts, ACKed for the first time by any of
+        the user's devices, gets a "delivered" receipt stored for its sender:
+        returned, to be told like a send's entries. Done at most once per
+        message and recipient, also when a later ACK repeats it.
+        """
+
+    def mark_read(self, user: str, message_ids: Sequence[str], now_ms: int) -> Receipts:
+        """``msg.read``: a "read" receipt for the sender of each message that asked, once.
+
+        Ids of messages that were not sent to ``user``, that did not ask, or
+        whose read receipt exists are skipped.
+        """
+
+    def history(self, user: str, peer: str, before: str | None, limit: int, now_ms: int) -> HistoryPage:
+        """The conversation of ``user`` with ``peer``: messages either sent to the other, newest first.
+
+        Only messages younger than the history period, ACKed or not; older
+        than the message id ``before`` when given (an id not in the
+        conversation: older than where it would be, as ids sort by time).
+        Raises UnknownUserError for an unknown ``peer``. A message to
+        several recipients is in each (sender, recipient) conversation, with
+        that recipient as its ``recipient``.
+        """
 
     def purge_expired(self, now_ms: int) -> int:
-        """Drop expired messages and idempotency records; returns messages dropped."""
+        """Drop expired messages, receipt records, idempotency records and history past its period.
+
+        Returns mailbox entries dropped.
+        """
 
     def checkpoint(self) -> None:
         """Housekeeping the store wants done now and then, off the event loop.
@@ -235,6 +332,16 @@ class Store(Protocol):
     def list_users(self) -> list[str]: ...
 
     def list_devices(self, user: str) -> list[DeviceRecord]: ...
+
+
+def receipt_id(message_id: str, kind: str, by: str) -> str:
+    """The one id of the ``kind`` receipt of a message by a recipient: storing it twice stores it once."""
+    return f"{message_id}.{kind[0]}.{by}"
+
+
+def receipt_json(receipt: str, kind: str, message_id: str, by: str, ts: int) -> bytes:
+    """The ``msg.receipt`` params a RECEIPT entry carries (PROTOCOL.md 7)."""
+    return orjson.dumps({"id": receipt, "type": kind, "message": message_id, "by": by, "ts": ts})
 
 
 class MessageIds:

@@ -20,7 +20,10 @@ def make_store(settings: Settings) -> Store:
             prefix=settings.redis_prefix,
             socket_timeout=settings.redis_socket_timeout,
             connect_timeout=settings.redis_connect_timeout,
+            history_period_ms=settings.history_period * 1000,
         )
     from .sqlite import SqliteStore
 
-    return SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
+    return SqliteStore(
+        settings.db_path, synchronous=settings.sqlite_synchronous, history_period_ms=settings.history_period * 1000
+    )

@@ -1,7 +1,11 @@
 """The embedded store: one SQLite file in WAL mode, no set-up.
 
-Tables: users, devices, messages (one row per recipient's mailbox entry, its
-``seq`` the acceptance order), pending (which device still waits for which
+Tables: users, devices, messages (one row per mailbox entry, its ``seq`` the
+acceptance order; ``kind`` NULL for a message to its recipient, else "copy"
+or "receipt"), wanted_receipts (a recipient's entry of a message that asked
+for receipts, until its read receipt is made or it expires), history (one
+row per message and recipient while the history period lasts, found by the
+conversation's two users and the message id, which sorts by time), pending (which device still waits for which
 mailbox entry), sends (the ``cid`` idempotency records), removals (the
 devices removed lately, which running servers poll) and counts (the rows of
 users, devices, messages and pending, kept by every transaction that changes
@@ -19,8 +23,19 @@ import sqlite3
 from pathlib import Path
 from typing import Sequence
 
+import orjson
+
 from .base import (
+    COPY,
+    MESSAGE,
+    NO_RECEIPTS,
+    RECEIPT,
     Accepted,
+    HistoryPage,
+    Receipts,
+    Send,
+    receipt_id,
+    receipt_json,
     Attachment,
     DeviceRecord,
     MessageIds,
@@ -79,6 +94,28 @@ CREATE TABLE IF NOT EXISTS removals (
     device TEXT NOT NULL,
     ts INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS wanted_receipts (
+    recipient TEXT NOT NULL,
+    id TEXT NOT NULL,              -- the message's
+    sender TEXT NOT NULL,          -- who gets the receipts
+    ttl_ms INTEGER NOT NULL,       -- a receipt lives as long as its message did
+    expires INTEGER NOT NULL,      -- the message's
+    delivered INTEGER NOT NULL DEFAULT 0,  -- its delivered receipt is stored
+    PRIMARY KEY (recipient, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS wanted_receipts_by_expiry ON wanted_receipts (expires);
+-- The conversation of users a <= b; rowid order is insertion (and so time) order, which purges follow.
+CREATE TABLE IF NOT EXISTS history (
+    a TEXT NOT NULL,
+    b TEXT NOT NULL,
+    id TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    body BLOB NOT NULL,
+    ts INTEGER NOT NULL,
+    expires INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS history_by_conversation ON history (a, b, id);
 CREATE TABLE IF NOT EXISTS counts (
     name TEXT PRIMARY KEY,          -- one of COUNTED
     n INTEGER NOT NULL
@@ -91,6 +128,8 @@ LATER_COLUMNS = (
     ("devices", "registration", "TEXT"),
     ("devices", "push_platform", "TEXT"),
     ("devices", "push_token", "TEXT"),
+    ("messages", "kind", "TEXT"),  # NULL: MESSAGE
+    ("messages", "to_json", "BLOB"),  # a COPY's "to" as sent
 )
 # Indexes on later columns: made once the columns surely exist.
 LATER_INDEXES = "CREATE INDEX IF NOT EXISTS devices_by_push_token ON devices (push_token);"
@@ -101,6 +140,10 @@ REGISTRATION_BYTES = 12
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 DATABASE_FILE_MODE = 0o600  # the messages: for the server's user only
 KNOWN_USERS_KEPT = 100_000
+# History rows one purge drops at most: a purge holds the write lock while it runs.
+HISTORY_PURGED_AT_ONCE = 20_000
+# Placeholders in one IN (...) list.
+IDS_AT_ONCE = 500
 
 
 class SqliteStore:
@@ -108,12 +151,15 @@ class SqliteStore:
 
     all_or_nothing = True
 
-    def __init__(self, path: Path | str, *, synchronous: str = "FULL", busy_timeout_ms: int = 5000):
+    def __init__(
+        self, path: Path | str, *, synchronous: str = "FULL", busy_timeout_ms: int = 5000, history_period_ms: int = 0
+    ):
         if synchronous not in SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {SYNCHRONOUS_MODES}, got {synchronous!r}")
         self.path = Path(path)
         self._synchronous = synchronous
         self._busy_timeout_ms = busy_timeout_ms
+        self.history_period_ms = history_period_ms
         self._db: sqlite3.Connection | None = None
         self._checkpointer: sqlite3.Connection | None = None
         self._transaction = _Transaction(self)
@@ -199,6 +245,10 @@ class SqliteStore:
         cid: str | None,
         ttl_seconds: int,
         now_ms: int,
+        *,
+        receipt: bool = False,
+        to_json: bytes = b"",
+        origin_device: str | None = None,
     ) -> Accepted:
         db = self._conn
         with self.batch():
@@ -213,34 +263,33 @@ class SqliteStore:
             if unknown:
                 raise UnknownUserError(unknown)
             message_id = self._ids.new(now_ms)
-            expires = now_ms + ttl_seconds * 1000
+            ttl_ms = ttl_seconds * 1000
+            expires = now_ms + ttl_ms
             stored = []
             push_targets = []
             for recipient in recipients:
-                push_targets.extend(
-                    PushTarget(recipient, device, platform, token)
-                    for device, platform, token in db.execute(
-                        "SELECT device, push_platform, push_token FROM devices"
-                        " WHERE user = ? AND push_token IS NOT NULL",
-                        (recipient,),
+                seq = self._store_entry(message_id, sender, recipient, message_json, now_ms, expires, push_targets)
+                stored.append(StoredMessage(seq, message_id, sender, recipient, message_json, now_ms, expires))
+                if self.history_period_ms:
+                    a, b = sorted((sender, recipient))
+                    db.execute(
+                        "INSERT INTO history (a, b, id, sender, recipient, body, ts, expires)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (a, b, message_id, sender, recipient, message_json, now_ms, expires),
                     )
+                if receipt and recipient != sender:
+                    db.execute(
+                        "INSERT OR IGNORE INTO wanted_receipts (recipient, id, sender, ttl_ms, expires)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (recipient, message_id, sender, ttl_ms, expires),
+                    )
+            if sender not in recipients:
+                copy = self._store_copy(
+                    message_id, sender, message_json, now_ms, expires, to_json or orjson.dumps(list(recipients)),
+                    origin_device,
                 )
-                cursor = db.execute(
-                    "INSERT INTO messages (id, sender, recipient, body, ts, expires)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (message_id, sender, recipient, message_json, now_ms, expires),
-                )
-                seq = cursor.lastrowid
-                waiting = db.execute(
-                    "INSERT INTO pending (user, device, seq)"
-                    " SELECT user, device, ? FROM devices WHERE user = ?",
-                    (seq, recipient),
-                ).rowcount
-                self._count("messages", 1)
-                self._count("pending", waiting)
-                stored.append(
-                    StoredMessage(seq, message_id, sender, recipient, message_json, now_ms, expires)
-                )
+                if copy is not None:
+                    stored.append(copy)
             if cid is not None:
                 db.execute(
                     "INSERT OR REPLACE INTO sends (sender, cid, id, ts, expires) VALUES (?, ?, ?, ?, ?)",
@@ -250,11 +299,66 @@ class SqliteStore:
             id=message_id, ts=now_ms, expires=expires, messages=tuple(stored), push_targets=tuple(push_targets)
         )
 
-    def append_many(self, sends: Sequence[tuple], now_ms: int) -> list[Accepted | UnknownUserError]:
+    def _store_entry(
+        self, entry_id: str, sender: str, owner: str, body: bytes, now_ms: int, expires: int,
+        push_targets: list | None, kind: str | None = None,
+    ) -> int:
+        """A mailbox entry of ``owner``'s, waiting for each of its devices; its seq.
+
+        The owner's devices with push tokens are added to ``push_targets`` (unless None).
+        """
+        db = self._conn
+        if push_targets is not None:
+            push_targets.extend(
+                PushTarget(owner, device, platform, token)
+                for device, platform, token in db.execute(
+                    "SELECT device, push_platform, push_token FROM devices WHERE user = ? AND push_token IS NOT NULL",
+                    (owner,),
+                )
+            )
+        seq = db.execute(
+            "INSERT INTO messages (id, sender, recipient, body, ts, expires, kind) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (entry_id, sender, owner, body, now_ms, expires, kind),
+        ).lastrowid
+        waiting = db.execute(
+            "INSERT INTO pending (user, device, seq) SELECT user, device, ? FROM devices WHERE user = ?",
+            (seq, owner),
+        ).rowcount
+        self._count("messages", 1)
+        self._count("pending", waiting)
+        return seq
+
+    def _store_copy(
+        self, message_id: str, sender: str, body: bytes, now_ms: int, expires: int, to_json: bytes,
+        origin_device: str | None,
+    ) -> StoredMessage | None:
+        """The sender's COPY, for its devices but ``origin_device``; None when it has no such device."""
+        db = self._conn
+        devices = [
+            device for (device,) in db.execute("SELECT device FROM devices WHERE user = ?", (sender,))
+            if device != origin_device
+        ]
+        if not devices:
+            return None
+        seq = db.execute(
+            "INSERT INTO messages (id, sender, recipient, body, ts, expires, kind, to_json)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (message_id, sender, sender, body, now_ms, expires, COPY, to_json),
+        ).lastrowid
+        db.executemany("INSERT INTO pending (user, device, seq) VALUES (?, ?, ?)",
+                       [(sender, device, seq) for device in devices])
+        self._count("messages", 1)
+        self._count("pending", len(devices))
+        return StoredMessage(seq, message_id, sender, sender, body, now_ms, expires, COPY, to_json, origin_device)
+
+    def append_many(self, sends: Sequence[Send], now_ms: int) -> list[Accepted | UnknownUserError]:
         results: list[Accepted | UnknownUserError] = []
-        for sender, recipients, message_json, cid, ttl_seconds in sends:
+        for sender, recipients, message_json, cid, ttl_seconds, receipt, to_json, origin_device in sends:
             try:
-                results.append(self.append(sender, recipients, message_json, cid, ttl_seconds, now_ms))
+                results.append(self.append(
+                    sender, recipients, message_json, cid, ttl_seconds, now_ms,
+                    receipt=receipt, to_json=to_json, origin_device=origin_device,
+                ))
             except UnknownUserError as unknown:
                 results.append(unknown)
         return results
@@ -291,20 +395,21 @@ class SqliteStore:
         self, user: str, device: str, after_seq: int, limit: int, now_ms: int
     ) -> list[StoredMessage]:
         rows = self._conn.execute(
-            "SELECT m.seq, m.id, m.sender, m.body, m.ts, m.expires"
+            "SELECT m.seq, m.id, m.sender, m.body, m.ts, m.expires, m.kind, m.to_json"
             " FROM pending p JOIN messages m ON m.seq = p.seq"
             " WHERE p.user = ? AND p.device = ? AND p.seq > ? AND m.expires > ?"
             " ORDER BY p.seq LIMIT ?",
             (user, device, after_seq, now_ms, limit),
         ).fetchall()
         return [
-            StoredMessage(seq, message_id, sender, user, body, ts, expires)
-            for seq, message_id, sender, body, ts, expires in rows
+            StoredMessage(seq, message_id, sender, user, body, ts, expires, kind or MESSAGE, to_json or b"")
+            for seq, message_id, sender, body, ts, expires, kind, to_json in rows
         ]
 
-    def ack(self, user: str, device: str, seqs: Sequence[int]) -> None:
+    def ack(self, user: str, device: str, seqs: Sequence[int], now_ms: int) -> Receipts:
         db = self._conn
         with self.batch():
+            receipts = self._delivered_receipts(user, seqs, now_ms)
             done = db.executemany(
                 "DELETE FROM pending WHERE user = ? AND device = ? AND seq = ?",
                 [(user, device, seq) for seq in seqs],
@@ -316,6 +421,80 @@ class SqliteStore:
             ).rowcount
             self._count("pending", -done)
             self._count("messages", -retired)
+        return receipts
+
+    def _delivered_receipts(self, user: str, seqs: Sequence[int], now_ms: int) -> Receipts:
+        """The delivered receipts the ACK of these entries of ``user``'s makes (none made yet)."""
+        db = self._conn
+        if not seqs or db.execute("SELECT 1 FROM wanted_receipts WHERE recipient = ? LIMIT 1",
+                                  (user,)).fetchone() is None:
+            return NO_RECEIPTS  # the usual case: one indexed look, whatever the number of ACKs
+        wanted = []
+        for start in range(0, len(seqs), IDS_AT_ONCE):
+            chunk = list(seqs[start:start + IDS_AT_ONCE])
+            wanted.extend(db.execute(
+                "SELECT w.id, w.sender, w.ttl_ms FROM messages m"
+                " JOIN wanted_receipts w ON w.recipient = m.recipient AND w.id = m.id"
+                f" WHERE m.seq IN ({','.join('?' * len(chunk))}) AND m.recipient = ? AND m.kind IS NULL"
+                " AND w.delivered = 0 AND w.expires > ?",
+                (*chunk, user, now_ms),
+            ))
+        return self._make_receipts(user, "delivered", wanted, now_ms)
+
+    def mark_read(self, user: str, message_ids: Sequence[str], now_ms: int) -> Receipts:
+        db = self._conn
+        with self.batch():
+            wanted = []
+            for message_id in message_ids:
+                wanted.extend(db.execute(
+                    "SELECT id, sender, ttl_ms, delivered FROM wanted_receipts"
+                    " WHERE recipient = ? AND id = ? AND expires > ?",
+                    (user, message_id, now_ms),
+                ))
+            # Read implies delivered: a message read before any device ACKed it gets both, in that order.
+            delivered = self._make_receipts(
+                user, "delivered", [(mid, sender, ttl) for mid, sender, ttl, done in wanted if not done], now_ms
+            )
+            read = self._make_receipts(user, "read", [(mid, sender, ttl) for mid, sender, ttl, _ in wanted], now_ms)
+        return Receipts(delivered.messages + read.messages, delivered.push_targets + read.push_targets)
+
+    def _make_receipts(self, by: str, kind: str, wanted: list, now_ms: int) -> Receipts:
+        """Store a ``kind`` receipt by ``by`` for each (message id, sender, ttl_ms) and note it made."""
+        if not wanted:
+            return NO_RECEIPTS
+        db = self._conn
+        stored, push_targets = [], []
+        for message_id, sender, ttl_ms in wanted:
+            receipt = receipt_id(message_id, kind, by)
+            body = receipt_json(receipt, kind, message_id, by, now_ms)
+            expires = now_ms + ttl_ms
+            seq = self._store_entry(receipt, by, sender, body, now_ms, expires, push_targets, RECEIPT)
+            stored.append(StoredMessage(seq, receipt, by, sender, body, now_ms, expires, RECEIPT))
+        ids = [(by, message_id) for message_id, _, _ in wanted]
+        if kind == "delivered":
+            db.executemany("UPDATE wanted_receipts SET delivered = 1 WHERE recipient = ? AND id = ?", ids)
+        else:  # the last receipt a message gets
+            db.executemany("DELETE FROM wanted_receipts WHERE recipient = ? AND id = ?", ids)
+        return Receipts(tuple(stored), tuple(push_targets))
+
+    def history(self, user: str, peer: str, before: str | None, limit: int, now_ms: int) -> HistoryPage:
+        if not self._user_exists(peer):
+            raise UnknownUserError([peer])
+        if not self.history_period_ms:
+            return HistoryPage((), False)
+        a, b = sorted((user, peer))
+        # Ids begin with their ms in hex: the period is a bound on the index, like ``before``.
+        oldest = f"{max(0, now_ms - self.history_period_ms):012x}"
+        query = "SELECT id, sender, recipient, body, ts, expires FROM history WHERE a = ? AND b = ? AND id > ?"
+        args: list = [a, b, oldest]
+        if before is not None:
+            query += " AND id < ?"
+            args.append(before)
+        rows = self._conn.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit + 1)).fetchall()
+        return HistoryPage(
+            tuple(StoredMessage(0, *row) for row in rows[:limit]),
+            more=len(rows) > limit,
+        )
 
     def purge_expired(self, now_ms: int) -> int:
         db = self._conn
@@ -328,12 +507,29 @@ class SqliteStore:
             self._count("pending", -dropped)
             self._count("messages", -purged)
             db.execute("DELETE FROM sends WHERE expires <= ?", (now_ms,))
+            db.execute("DELETE FROM wanted_receipts WHERE expires <= ?", (now_ms,))
+            self._purge_history(now_ms - self.history_period_ms if self.history_period_ms else None)
             # Keep the newest removal row: its id is the cursor pollers resume from.
             db.execute(
                 "DELETE FROM removals WHERE ts <= ? AND id < (SELECT max(id) FROM removals)",
                 (now_ms - REMOVALS_KEPT_MS,),
             )
         return purged
+
+    def _purge_history(self, before_ms: int | None) -> None:
+        """Drop history from before ``before_ms`` (None: all of it, history is off), oldest first."""
+        db = self._conn
+        first = db.execute("SELECT rowid FROM history ORDER BY rowid LIMIT 1").fetchone()
+        if first is None:
+            return
+        # Rows are in time order: the old ones are those before the first young one.
+        young = None if before_ms is None else db.execute(
+            "SELECT rowid FROM history WHERE ts >= ? ORDER BY rowid LIMIT 1", (before_ms,)
+        ).fetchone()
+        end = first[0] + HISTORY_PURGED_AT_ONCE
+        if young is not None:
+            end = min(end, young[0])
+        db.execute("DELETE FROM history WHERE rowid < ?", (end,))
 
     # -- operators -----------------------------------------------------------
 

@@ -77,6 +77,11 @@ class OutboundQueue:
     def closing(self) -> bool:
         return self._closing
 
+    @property
+    def unsent_bytes(self) -> int:
+        """Queued, not yet handed to the socket: what signals give way to (see DeviceActor)."""
+        return self._queued_bytes
+
     def send(self, bodies: Sequence[bytes]) -> None:
         """Queue JSON values to write, without blocking."""
         if self._closing:

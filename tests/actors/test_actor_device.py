@@ -51,6 +51,7 @@ class FakeConnection:
 
     remote = "198.51.100.7:40000"
     peer_identity = None
+    unsent_bytes = 0
 
     def __init__(self):
         self.written: queue.Queue = queue.Queue()

@@ -272,10 +272,10 @@ def test_removals_are_polled_from_the_cursor_of_now(start_store, db_path):
 class _FailingStore(SqliteStore):
     """Fails any append of the message "boom", as a full disk would."""
 
-    def append(self, sender, recipients, message_json, cid, ttl_seconds, now_ms):
+    def append(self, sender, recipients, message_json, cid, ttl_seconds, now_ms, **options):
         if message_json == b'"boom"':
             raise OSError("disk full")
-        return super().append(sender, recipients, message_json, cid, ttl_seconds, now_ms)
+        return super().append(sender, recipients, message_json, cid, ttl_seconds, now_ms, **options)
 
 
 def test_a_failed_commit_answers_every_request_and_the_next_group_works(start_store, sender, router):

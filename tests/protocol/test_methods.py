@@ -4,6 +4,12 @@ import orjson
 import pytest
 
 from devastator.protocol import (
+    HistoryParams,
+    ReadParams,
+    SignalParams,
+    parse_history,
+    parse_read,
+    parse_signal,
     EchoParams,
     GoogleAuthParams,
     JwtAuthParams,
@@ -57,7 +63,7 @@ def test_user_id_pattern_is_compiled():
 
 
 def test_limits_defaults():
-    assert Limits() == Limits(65536, 100, 2419200, 2419200, 128)
+    assert Limits() == Limits(65536, 100, 2419200, 2419200, 128, 4096, 1000)
 
 
 # --- msg.send ---------------------------------------------------------------------
@@ -65,7 +71,7 @@ def test_limits_defaults():
 
 def test_send_minimal():
     assert send(to="bob", message={"text": "hi"}) == SendParams(
-        ("bob",), b'{"text":"hi"}', None, 2419200
+        ("bob",), b'{"text":"hi"}', None, 2419200, False, b'"bob"'
     )
 
 
@@ -74,7 +80,76 @@ def test_send_full():
         {"to": ["bob", "carol"], "message": [1, "x"], "cid": "c-1", "ttl": 60, "extra": 1},
         LIMITS,
     )
-    assert params == SendParams(("bob", "carol"), b'[1,"x"]', "c-1", 60)
+    assert params == SendParams(("bob", "carol"), b'[1,"x"]', "c-1", 60, False, b'["bob","carol"]')
+
+
+def test_send_asks_for_receipts():
+    assert send(to=["bob", "bob"], message=1, receipt=True).receipt is True
+    assert send(to="bob", message=1, receipt=None).receipt is False
+
+
+@pytest.mark.parametrize("receipt", [1, "yes", [], {}])
+def test_send_receipt_must_be_a_boolean(receipt):
+    invalid(parse_send, {"to": "bob", "message": 1, "receipt": receipt}, "receipt", LIMITS)
+
+
+def test_send_to_as_sent_is_deduped_but_keeps_its_shape():
+    assert send(to=["c", "a", "c"], message=1).to_json == b'["c","a"]'
+    assert send(to="c", message=1).to_json == b'"c"'
+
+
+# --- msg.read, msg.signal, msg.history ------------------------------------------------
+
+
+def test_read_takes_unique_ids_in_order():
+    assert parse_read({"ids": ["b", "a", "b"]}, LIMITS) == ReadParams(("b", "a"))
+    assert parse_read({"ids": []}, LIMITS) == ReadParams(())
+
+
+@pytest.mark.parametrize("params", [{}, {"ids": "a"}, {"ids": [1]}, {"ids": [""]}, {"ids": ["x" * 257]}, []])
+def test_read_refuses_what_is_not_a_list_of_ids(params):
+    with pytest.raises(InvalidParams):
+        parse_read(params, LIMITS)
+
+
+def test_read_refuses_too_many_ids():
+    with pytest.raises(TooLarge):
+        parse_read({"ids": [str(i) for i in range(1001)]}, LIMITS)
+
+
+def test_signal_keeps_its_json_and_recipients():
+    assert parse_signal({"to": ["bob", "bob"], "signal": {"typing": True}}, LIMITS) == SignalParams(
+        ("bob",), b'{"typing":true}'
+    )
+    assert parse_signal({"to": "bob", "signal": None}, LIMITS).signal_json == b"null"
+
+
+def test_signal_is_bounded_at_4_kib():
+    parse_signal({"to": "bob", "signal": "x" * 4094}, LIMITS)  # 4096 bytes with its quotes
+    with pytest.raises(TooLarge):
+        parse_signal({"to": "bob", "signal": "x" * 4095}, LIMITS)
+
+
+@pytest.mark.parametrize("params", [{"to": "bob"}, {"signal": 1}, {"to": "b b", "signal": 1}, {"to": [], "signal": 1}])
+def test_signal_refuses_bad_params(params):
+    with pytest.raises(InvalidParams):
+        parse_signal(params, LIMITS)
+
+
+def test_history_defaults_and_bounds():
+    assert parse_history({"with": "bob"}) == HistoryParams("bob", None, 50)
+    assert parse_history({"with": "bob", "before": "0a", "limit": 100.0}) == HistoryParams("bob", "0a", 100)
+    assert parse_history({"with": "bob", "limit": 1, "before": None}).limit == 1
+
+
+@pytest.mark.parametrize("params", [
+    {}, {"with": ""}, {"with": "b b"}, {"with": "bob", "limit": 0}, {"with": "bob", "limit": 101},
+    {"with": "bob", "limit": 1.5}, {"with": "bob", "limit": "5"}, {"with": "bob", "limit": True},
+    {"with": "bob", "before": 5}, {"with": "bob", "before": ""},
+])
+def test_history_refuses_bad_params(params):
+    with pytest.raises(InvalidParams):
+        parse_history(params)
 
 
 def test_send_dedupes_recipients_in_order():
