@@ -117,6 +117,12 @@ class Operations:
                 "stored": store["messages"],
                 "pending": store["pending"],
             },
+            "receipts": {"stored": dict(t.receipts_stored), "delivered": t.receipts_delivered},
+            "copies_stored": t.copies_stored,
+            "signals": {"accepted": t.signals_accepted, "delivered": t.signals_delivered,
+                        "dropped": dict(t.signals_dropped)},
+            "history_pages": t.history_pages,
+            "api_requests": {f"{route} {status}": count for (route, status), count in sorted(t.api_requests.items())},
             "users": store["users"],
             "devices": store["devices"],
             "store": {
@@ -173,6 +179,11 @@ class _Collector:
             ("auth_failures", t.auth_failures, "Refused authentications and client certificates."),
             ("store_commits", t.commits, "Store transactions committed."),
             ("store_commit_failures", t.commit_failures, "Store transactions that failed."),
+            ("receipts_delivered", t.receipts_delivered, "msg.receipt requests sent to devices, first sends."),
+            ("copies_stored", t.copies_stored, "Copies of messages stored for their senders' other devices."),
+            ("signals_accepted", t.signals_accepted, "msg.signal calls handed on."),
+            ("signals_delivered", t.signals_delivered, "msg.signal notifications written to devices."),
+            ("history_pages", t.history_pages, "msg.history pages answered."),
         ):
             yield CounterMetricFamily(f"devastator_{name}", documentation, value=value)
         for name, value, documentation in (
@@ -190,6 +201,15 @@ class _Collector:
         yield _labelled(CounterMetricFamily, "requests", "JSON-RPC calls received.", "method", t.requests)
         yield _labelled(CounterMetricFamily, "errors", "JSON-RPC errors answered.", "code",
                         {str(code): count for code, count in t.errors.items()})
+        yield _labelled(CounterMetricFamily, "receipts_stored", "Receipts stored for senders, by type.", "type",
+                        t.receipts_stored)
+        yield _labelled(CounterMetricFamily, "signals_dropped", "Signals not handed on, by why.", "reason",
+                        t.signals_dropped)
+        api = CounterMetricFamily("devastator_api_requests", "Server API requests, by route and HTTP status.",
+                                  labels=["route", "status"])
+        for (route, status), count in sorted(t.api_requests.items()):
+            api.add_metric([route, str(status)], count)
+        yield api
         yield _labelled(CounterMetricFamily, "sends_shed", "msg.send answered -32003 for overload, by why.",
                         "reason", t.sends_shed)
         yield _labelled(CounterMetricFamily, "sends_rate_limited", "msg.send answered -32003 by a rate limit.",

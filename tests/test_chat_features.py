@@ -5,6 +5,9 @@ WebSocket one, as the ``transport`` parameter says.
 """
 import subprocess
 import sys
+import urllib.request
+
+import orjson
 
 import pytest
 
@@ -345,3 +348,35 @@ def test_history_stops_at_the_period(servers):
     new = alice.send("bob", "new")
     assert [m["id"] for m in alice.history("bob")["messages"]] == [new["id"]]
     assert old["id"] != new["id"]
+
+
+# -- operators ---------------------------------------------------------------------------------
+
+
+def test_metrics_and_debug_vars_count_receipts_copies_signals_and_history(connect, running):
+    phone, laptop, bob = connect("alice", "phone"), connect("alice", "laptop"), connect("bob")
+    sent = phone.send("bob", "counted", receipt=True)
+    bob.receive()
+    bob.mark_read([sent["id"]])
+    laptop.receive()
+    for device in (phone, laptop):
+        for _ in range(2):
+            device.receive_receipt()
+    phone.signal("bob", "typing")
+    bob.receive_signal()
+    phone.history("bob")
+    host, port = running.http_address
+    metrics = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
+    for line in ('devastator_receipts_stored_total{type="delivered"} 1.0',
+                 'devastator_receipts_stored_total{type="read"} 1.0',
+                 "devastator_copies_stored_total 1.0",
+                 "devastator_signals_accepted_total 1.0",
+                 "devastator_signals_delivered_total 1.0",
+                 "devastator_history_pages_total 1.0"):
+        assert line in metrics.splitlines()
+    # Both of alice's devices had the two receipts written to them.
+    assert "devastator_receipts_delivered_total 4.0" in metrics.splitlines()
+    debug = orjson.loads(urllib.request.urlopen(f"http://{host}:{port}/debug/vars", timeout=5).read())
+    assert debug["receipts"] == {"stored": {"delivered": 1, "read": 1}, "delivered": 4}
+    assert debug["signals"] == {"accepted": 1, "delivered": 1, "dropped": {}}
+    assert debug["copies_stored"] == 1 and debug["history_pages"] == 1

@@ -137,6 +137,21 @@ def test_stats_as_json_and_as_a_readable_tree(running, env):
     assert "{" not in readable and "None" not in readable
 
 
+def test_stats_count_receipts_signals_and_history(running, env):
+    alice, bob = running.connect("alice"), running.connect("bob")
+    alice.send("bob", "ticks", receipt=True)
+    bob.receive()
+    alice.receive_receipt()
+    alice.signal("bob", "typing")
+    bob.receive_signal()
+    alice.history("bob")
+    stats = json_of(running, "stats", env=env)
+    assert stats["receipts"] == {"stored": {"delivered": 1}, "delivered": 1}
+    assert stats["signals"]["accepted"] == 1 and stats["history_pages"] == 1
+    readable = console(running, "stats", env=env).stdout
+    assert "\nreceipts\n  stored" in readable and "\nsignals\n  accepted" in readable
+
+
 def test_watch_prints_one_json_line_per_event_and_stops_after_count(running, env):
     running.token("bob", "phone")
     alice = running.connect("alice")

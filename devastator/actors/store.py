@@ -34,6 +34,7 @@ import pykka
 from ..outage_log import OutageLog
 from ..protocol.errors import Forbidden, InternalError, UnknownRecipient
 from ..store import (
+    COPY,
     PushTarget,
     Receipts,
     Send,
@@ -377,6 +378,8 @@ class StoreActor(pykka.ThreadingActor):
                 results[request.reply_to].append(result)
                 if messages and result.error is None:
                     self._telemetry.messages_accepted += 1  # a retried cid that stored nothing is not counted
+                if messages and messages[-1].kind == COPY:  # a copy comes last (Store.append)
+                    self._telemetry.copies_stored += 1
                 if messages or recheck:
                     stored, wake, users = committed.setdefault(request.notify, ([], [], {}))
                     stored.extend(messages)
