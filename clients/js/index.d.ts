@@ -9,16 +9,53 @@ export interface AuthResult {
   pending: number;
 }
 
-/** The params of a msg.recv delivery. */
+/**
+ * The params of a msg.recv delivery. `from === client.user` means a copy: a message
+ * this user sent from another of its devices, `to` being its recipient(s) as sent.
+ */
 export interface Message<T = unknown> {
   id: string;
   from: string;
-  /** The recipient, or the list of recipients of a copy sent to the sender's other devices. */
+  /** The recipient (this user), or the recipient(s) as sent, for a copy sent from another device. */
   to: string | string[];
   message: T;
   /** Milliseconds since the Unix epoch. */
   ts: number;
   expires: number;
+}
+
+/** The params of a msg.receipt delivery: a message this user sent with `receipt: true` reached `by`. */
+export interface Receipt {
+  /** The receipt's own id (`<message id>.<d|r>.<by>`), once per recipient and type. */
+  id: string;
+  type: "delivered" | "read";
+  /** The id of the message it is about. */
+  message: string;
+  /** The recipient whose device took it ("delivered") or who read it ("read"). */
+  by: string;
+  ts: number;
+}
+
+/** The params of a msg.signal notification: ephemeral state such as `{typing: true}`. */
+export interface Signal<T = unknown> {
+  from: string;
+  /** This user. */
+  to: string;
+  signal: T;
+  ts: number;
+}
+
+export interface HistoryOptions {
+  /** A message id: the page holds messages older than it. */
+  before?: string | null;
+  /** 1 to 100; the server's default is 50. */
+  limit?: number;
+}
+
+/** A page of a conversation, newest first; `more`: older messages are left. */
+export interface HistoryPage {
+  messages: Message[];
+  more: boolean;
 }
 
 export interface CloseInfo {
@@ -32,6 +69,8 @@ export interface SendOptions {
   cid?: string;
   /** Seconds the message waits for its recipients. */
   ttl?: number;
+  /** Ask for "delivered" and "read" receipts (the "receipt" event). */
+  receipt?: boolean;
 }
 
 export interface SendResult {
@@ -72,7 +111,7 @@ export interface CommonOptions {
   reconnect?: ReconnectOptions | false;
   /** Calls that may wait for a connection; one more rejects. Default 1000. */
   maxQueued?: number;
-  /** Message ids remembered to drop duplicate deliveries. Default 10000. */
+  /** Message ids (and, apart, receipt ids) remembered to drop duplicate deliveries. Default 10000. */
   dedupeSize?: number;
 }
 
@@ -84,6 +123,10 @@ export interface ClientEvents {
   open: (result: AuthResult) => void;
   /** Each message id once; the ACK waits for the listener's promise. A listener that throws or rejects leaves it unacknowledged. */
   message: (message: Message) => void | Promise<unknown>;
+  /** Each receipt id once; ACKed like a message, after the listener's promise. */
+  receipt: (receipt: Receipt) => void | Promise<unknown>;
+  /** Not answered, never repeated; a listener's promise is not waited for. */
+  signal: (signal: Signal) => void;
   close: (info: CloseInfo) => void;
   error: (error: Error) => void;
 }
@@ -91,9 +134,19 @@ export interface ClientEvents {
 export declare class DevastatorClient {
   constructor(url: string, options: ClientOptions);
   readonly state: State;
+  /** The user of the last successful auth, or null before one. */
+  readonly user: string | null;
+  /** The device of the last successful auth, or null before one. */
+  readonly device: string | null;
   on<E extends keyof ClientEvents>(event: E, listener: ClientEvents[E]): () => void;
   connect(): Promise<AuthResult>;
   send(to: string | string[], message: unknown, options?: SendOptions): Promise<SendResult>;
+  /** msg.read; queued and retried across reconnects like send(). */
+  markRead(ids: string[]): Promise<"ACK">;
+  /** msg.signal; rejects at once with ConnectionError when not connected. */
+  signal(to: string | string[], data: unknown): Promise<"ACK">;
+  /** msg.history with a user, newest first. */
+  history(withUser: string, options?: HistoryOptions): Promise<HistoryPage>;
   call<T = unknown>(method: string, params?: unknown): Promise<T>;
   ping(): Promise<"pong">;
   close(): void;

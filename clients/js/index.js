@@ -1,6 +1,6 @@
 // The Devastator client for browsers and Node: JSON-RPC 2.0 over one WebSocket
 // (PROTOCOL.md sections 3 to 7), with reconnects, a send queue and deduplicated
-// deliveries. One state machine (idle -> connecting -> open -> closed) owns the
+// deliveries of messages and receipts. One state machine (idle -> connecting -> open -> closed) owns the
 // socket; the WebSocket class is a constructor option so that tests can fake it.
 
 const OPEN = 1; // WebSocket.OPEN, the same in browsers and in the ws package
@@ -67,7 +67,7 @@ export class DevastatorClient {
   #backoff; // null: reconnecting is off
   #maxQueued;
   #dedupeSize;
-  #listeners = { open: new Set(), message: new Set(), close: new Set(), error: new Set() };
+  #listeners = { open: new Set(), message: new Set(), receipt: new Set(), signal: new Set(), close: new Set(), error: new Set() };
 
   #state = "idle";
   #conn = null; // the current attempt: { ws, notice, failure, retryAfterMs }
@@ -81,8 +81,8 @@ export class DevastatorClient {
   #nextId = 1;
   #queue = []; // calls waiting for an authenticated connection, oldest first
   #inflight = new Map(); // JSON-RPC id -> call written on the current connection
-  #seen = new Set(); // ids of messages the handlers took, oldest first
-  #deliveries = Promise.resolve(); // handlers run one message at a time, in order
+  #seen = { message: new Set(), receipt: new Set() }; // ids the handlers took, oldest first
+  #deliveries = Promise.resolve(); // handlers run one delivery (message or receipt) at a time, in order
 
   constructor(url, options = {}) {
     const { token, getToken, WebSocket = globalThis.WebSocket, reconnect = {}, maxQueued = 1000, dedupeSize = 10000 } = options;
@@ -101,7 +101,17 @@ export class DevastatorClient {
     return this.#state;
   }
 
-  /** Listen to "open", "message", "close" or "error"; returns a function that stops listening. */
+  /** The user of the last successful auth (null before one): a message `from` it is a copy of one sent from another device. */
+  get user() {
+    return this.#auth?.user ?? null;
+  }
+
+  /** The device of the last successful auth, or null. */
+  get device() {
+    return this.#auth?.device ?? null;
+  }
+
+  /** Listen to "open", "message", "receipt", "signal", "close" or "error"; returns a function that stops listening. */
   on(event, listener) {
     const listeners = this.#listeners[event];
     if (!listeners) throw new TypeError(`unknown event ${JSON.stringify(event)}`);
@@ -128,11 +138,46 @@ export class DevastatorClient {
   /**
    * msg.send; resolves with { id, ts } once the server stored it. Waits in the queue while
    * disconnected and is sent again after a reconnect with the same cid, so it is stored once.
+   * receipt: true asks for "delivered" and "read" receipts (the "receipt" event).
    */
-  send(to, message, { cid, ttl } = {}) {
+  send(to, message, { cid, ttl, receipt } = {}) {
     const params = { to, message, cid: cid ?? newCid() };
     if (ttl !== undefined) params.ttl = ttl;
+    if (receipt !== undefined) params.receipt = receipt;
     return this.#call("msg.send", params, true);
+  }
+
+  /**
+   * msg.read: the user has read these messages (their senders get "read" receipts if they
+   * asked). Resolves with "ACK" once stored; queued and sent again across reconnects like
+   * send(), which is safe since the server stores a read once.
+   */
+  markRead(ids) {
+    if (!Array.isArray(ids)) return Promise.reject(new TypeError("markRead(ids) wants an array of message ids"));
+    return this.#call("msg.read", { ids }, true);
+  }
+
+  /**
+   * msg.signal: ephemeral state (e.g. typing) for the recipients' devices online now.
+   * Resolves with "ACK"; never queued: when not connected it rejects at once with ConnectionError.
+   */
+  signal(to, data) {
+    if (this.#state !== "open") {
+      return Promise.reject(new ConnectionError(this.#lastClose.code, this.#lastClose.reason || "not connected"));
+    }
+    return this.#call("msg.signal", { to, signal: data }, false);
+  }
+
+  /**
+   * msg.history: a page of the conversation with a user, newest first: { messages, more }.
+   * before: a message id (the page holds older ones); limit: 1 to 100 (the server's default 50).
+   * A read: queued while disconnected and asked again after a reconnect.
+   */
+  history(withUser, { before, limit } = {}) {
+    const params = { with: withUser };
+    if (before !== undefined && before !== null) params.before = before;
+    if (limit !== undefined) params.limit = limit;
+    return this.#call("msg.history", params, true);
   }
 
   /** Any JSON-RPC request. Unlike send(), a call in flight when the connection drops rejects with ConnectionError. */
@@ -217,6 +262,7 @@ export class DevastatorClient {
     this.#conn = null;
     hangUp(conn.ws);
     if (conn.notice) ({ code, reason } = conn.notice); // the server said why before it closed
+    this.#lastClose = { code, reason };
     const failure = conn.failure ?? (this.#backoff && !FINAL_CLOSE_CODES.has(code) ? null : new ConnectionError(code, reason));
     // Sends in flight go out again with their cid; other calls cannot know whether they ran.
     const lost = new ConnectionError(code, reason);
@@ -330,12 +376,16 @@ export class DevastatorClient {
     if (!("id" in item)) {
       if (item.method === "conn.close" && Number.isInteger(item.params?.code)) {
         conn.notice = { code: item.params.code, reason: String(item.params.reason ?? "") };
+      } else if (item.method === "msg.signal" && item.params !== null && typeof item.params === "object") {
+        this.#emit("signal", item.params); // ephemeral: handed over at once, never answered
       }
       return undefined;
     }
     switch (item.method) {
       case "msg.recv":
-        return this.#deliver(item.id, item.params);
+        return this.#deliver("message", item.id, item.params);
+      case "msg.receipt":
+        return this.#deliver("receipt", item.id, item.params);
       case "msg.echo":
         return answered(item.id, "ACK");
       case "ping":
@@ -359,22 +409,24 @@ export class DevastatorClient {
   }
 
   /**
-   * The ACK goes out once every "message" listener returned (or its promise
-   * resolved). A listener that throws gets an "error" event and the server an
-   * error answer instead of the ACK: the message stays pending on the server and
-   * comes again (after its ACK timeout, or on the next connection).
+   * A msg.recv ("message") or msg.receipt ("receipt"): the ACK goes out once
+   * every listener of that event returned (or its promise resolved). A listener
+   * that throws gets an "error" event and the server an error answer instead of
+   * the ACK: the delivery stays pending on the server and comes again (after its
+   * ACK timeout, or on the next connection).
    */
-  #deliver(id, params) {
+  #deliver(event, id, params) {
+    const seen = this.#seen[event];
     const deliver = async () => {
-      if (!this.#seen.has(id)) {
+      if (!seen.has(id)) {
         try {
-          await Promise.all([...this.#listeners.message].map((listener) => listener(params)));
+          await Promise.all([...this.#listeners[event]].map((listener) => listener(params)));
         } catch (error) {
           this.#emit("error", error);
-          return failed(id, ErrorCode.INTERNAL_ERROR, `the message handler failed: ${error?.message ?? error}`);
+          return failed(id, ErrorCode.INTERNAL_ERROR, `the ${event} handler failed: ${error?.message ?? error}`);
         }
-        this.#seen.add(id);
-        if (this.#seen.size > this.#dedupeSize) this.#seen.delete(this.#seen.values().next().value);
+        seen.add(id);
+        if (seen.size > this.#dedupeSize) seen.delete(seen.values().next().value);
       }
       return answered(id, "ACK"); // a duplicate is ACKed again: the earlier ACK may have been lost
     };

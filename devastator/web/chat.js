@@ -1,12 +1,20 @@
 // The chat page: signs in with the token from the URL fragment, keeps the
 // conversations of this tab's device, and sends and receives through the
-// JavaScript client (the same file as the npm package, served by the server).
+// JavaScript client (the same file as the npm package, served by the server):
+// delivered and read ticks (receipts), "typing..." (signals), a conversation's
+// history from the server, and the user's own messages sent from other devices.
 //
 // Message text is never parsed as HTML: every node is built with textContent.
 
 const TOKEN_KEY = "devastator.token";
 const USER_ID = /^[A-Za-z0-9._@-]{1,64}$/;
 const MAX_STORED = 1000; // messages kept in this tab's sessionStorage, oldest dropped first
+const MAX_EARLY_RECEIPTS = 1000; // receipts kept for messages this tab has not shown (yet)
+const HISTORY_PAGE = 50;
+const TYPING_EVERY_MS = 2000; // a typing signal at most this often while the user types
+const TYPING_SHOWN_MS = 4000; // "typing..." goes after this long without a typing signal
+const READ_DELAY_MS = 150; // reads are sent in one msg.read after this pause (a backlog is one call)
+const MAX_READ_BATCH = 500; // ids in one msg.read (the server's limit is 1000 by default)
 
 const $ = (id) => document.getElementById(id);
 
@@ -55,9 +63,12 @@ function setState(state, text) {
 
 /**
  * Every message this tab has shown, in sessionStorage under the user and device.
- * Entries: {seq, id?, cid?, from, to, peer, message, ts?, status, error?};
- * status is "queued" | "sending" | "sent" | "failed" for the own ones and
- * "received" for the others (a copy from another own device is "sent").
+ * Entries: {seq, id?, cid?, from, to, peer, message, ts?, status, error?,
+ * delivered?, read?, readSent?}; status is "queued" | "sending" | "sent" |
+ * "failed" for the own ones and "received" for the others (a copy from another
+ * own device, or an own message from history, is "sent"). delivered and read
+ * list the recipients whose receipts came; readSent: this tab told the server
+ * it was read.
  */
 class ChatStore {
   constructor(key) {
@@ -66,6 +77,8 @@ class ChatStore {
     this.peers = new Map(); // peer -> {peer, unread, last}
     this.selected = null;
     this.byId = new Map();
+    // Receipts for message ids not shown yet (e.g. the send's answer has not come), oldest first.
+    this.early = new Map(); // message id -> {delivered: [users], read: [users]}
     this.seq = 0;
     this.saving = false;
     let saved = null;
@@ -77,7 +90,33 @@ class ChatStore {
     if (saved && saved.v === 1) {
       for (const peer of saved.peers || []) this.peers.set(peer.peer, peer);
       for (const entry of saved.entries || []) this.add(entry);
+      for (const [id, receipts] of saved.early || []) this.early.set(id, receipts);
       this.selected = this.peers.has(saved.selected) ? saved.selected : null;
+    }
+  }
+
+  /** Note that `by` sent a receipt of `type` for message `id`; true if the entry is shown. */
+  receipt(id, type, by) {
+    const entry = this.byId.get(id);
+    const target = entry || this.early.get(id) || { delivered: [], read: [] };
+    const list = (target[type === "read" ? "read" : "delivered"] ??= []);
+    if (!list.includes(by)) list.push(by);
+    if (entry) return true;
+    this.early.delete(id); // kept newest last
+    this.early.set(id, target);
+    if (this.early.size > MAX_EARLY_RECEIPTS) this.early.delete(this.early.keys().next().value);
+    return false;
+  }
+
+  /** The entry has its id now: the receipts that came before it apply. */
+  adopt(entry) {
+    this.byId.set(entry.id, entry);
+    const early = this.early.get(entry.id);
+    if (!early) return;
+    this.early.delete(entry.id);
+    for (const type of ["delivered", "read"]) {
+      const list = (entry[type] ??= []);
+      for (const by of early[type] || []) if (!list.includes(by)) list.push(by);
     }
   }
 
@@ -122,6 +161,7 @@ class ChatStore {
         selected: this.selected,
         peers: [...this.peers.values()],
         entries: kept.map(({ element, ...entry }) => entry),
+        early: [...this.early],
       };
       try {
         sessionStorage.setItem(this.key, JSON.stringify(state));
@@ -179,10 +219,27 @@ function formatTime(ts) {
 const STATUS_TEXT = {
   queued: "queued: sends when back online",
   sending: "sending…",
-  sent: "sent",
+  sent: "✓",
   failed: "failed",
   received: "",
 };
+
+// The ticks of a stored own message, by how far it got with all its recipients.
+const TICKS = {
+  sent: ["✓", "sent: stored by the server"],
+  delivered: ["✓✓", "delivered"],
+  read: ["✓✓ read", "read"],
+};
+
+/** "sent", "delivered" or "read": what every recipient (but oneself) of an own message has done. */
+function receiptLevel(entry, me) {
+  const recipients = (Array.isArray(entry.to) ? entry.to : [entry.to]).filter((user) => user !== me);
+  if (!recipients.length) return "sent";
+  const read = entry.read || [];
+  if (recipients.every((user) => read.includes(user))) return "read";
+  const delivered = entry.delivered || [];
+  return recipients.every((user) => read.includes(user) || delivered.includes(user)) ? "delivered" : "sent";
+}
 
 const ERROR_TEXT = {
   "-32001": "not signed in",
@@ -209,6 +266,11 @@ class ChatPage {
     this.client = client;
     this.list = $("messages");
     this.atEnd = true; // the list follows new messages while it is scrolled to its end
+    this.histories = new Map(); // peer -> {loaded, loading, more, before, note}
+    this.typing = new Map(); // peer -> the timer that hides its "typing..."
+    this.typingSentAt = -Infinity; // when this tab last said the user is typing
+    this.typingTo = null; // the peer told the user is typing, until a message or an empty composer
+    this.readTimer = null;
     this.bind();
   }
 
@@ -238,10 +300,14 @@ class ChatPage {
         this.sendText();
       }
     });
-    $("text").addEventListener("input", () => this.updateComposer());
+    $("text").addEventListener("input", () => {
+      this.updateComposer();
+      this.typed();
+    });
     $("reconnect").addEventListener("click", () => this.start());
+    $("load-older").addEventListener("click", () => this.loadHistory(this.store.selected, { older: true }));
     document.addEventListener("visibilitychange", () => {
-      if (!document.hidden && this.store.selected) this.markRead(this.store.selected);
+      if (document.visibilityState === "visible" && this.store.selected) this.readConversation(this.store.selected);
     });
     this.list.addEventListener("scroll", () => {
       this.atEnd = this.isAtEnd();
@@ -263,6 +329,10 @@ class ChatPage {
       if (entry.status === "queued" || entry.status === "sending" || (entry.status === "failed" && entry.unsent)) {
         this.retry(entry);
       }
+    }
+    if (this.store.selected) {
+      this.loadHistory(this.store.selected);
+      this.readConversation(this.store.selected); // reads a closed tab had not sent yet
     }
   }
 
@@ -311,6 +381,7 @@ class ChatPage {
     input.value = "";
     input.focus(); // a click on Send would leave the focus on a disabled button
     this.updateComposer();
+    this.typingTo = null; // the message itself ends the peer's "typing..."
     this.send(peer, { text });
     this.scrollToEnd();
   }
@@ -333,7 +404,7 @@ class ChatPage {
   }
 
   dispatch(entry) {
-    this.client.send(entry.to, entry.message, { cid: entry.cid }).then(
+    this.client.send(entry.to, entry.message, { cid: entry.cid, receipt: true }).then(
       ({ id, ts }) => this.stored(entry, id, ts),
       (error) => {
         // An RpcError is the server's answer; anything else (the client closed) means not sent yet.
@@ -358,16 +429,19 @@ class ChatPage {
     if (entry.status === "sent") return; // answered twice (sent again by a new client)
     const copy = this.store.byId.get(id);
     if (copy && copy !== entry) {
-      // A message to oneself can come back as msg.recv before the answer: keep one.
+      // A message to oneself can come back as msg.recv before the answer, or history can bring it: keep one.
       this.store.remove(entry);
+      entry.element?.remove();
       copy.status = "sent";
+      copy.cid = entry.cid;
+      this.store.save();
       this.refresh(copy.peer);
       return;
     }
     entry.id = id;
     entry.ts = ts;
     entry.error = null;
-    this.store.byId.set(id, entry);
+    this.store.adopt(entry);
     this.store.touch(entry.peer, entry);
     this.setStatus(entry, "sent");
     this.renderConversations();
@@ -382,11 +456,26 @@ class ChatPage {
 
   // -- receiving
 
+  /** A msg.recv: from the peer, or (from === me) a copy of what this user sent from another device. */
   onMessage(msg) {
-    if (this.store.byId.has(msg.id)) return; // sent again (at least once), or our own send's answer came first
     const own = msg.from === this.me.user;
-    const peer = own ? (Array.isArray(msg.to) ? msg.to[0] : msg.to) : msg.from;
-    this.store.add({
+    if (!own) this.stopTyping(msg.from);
+    if (this.store.byId.has(msg.id)) return; // sent again (at least once), or our own send's answer came first
+    const entry = this.merge(msg, own ? (Array.isArray(msg.to) ? msg.to[0] : msg.to) : msg.from);
+    const record = this.store.peers.get(entry.peer);
+    if (!own && (entry.peer !== this.store.selected || document.hidden)) record.unread += 1;
+    this.store.save();
+    this.renderConversations();
+    this.refresh(entry.peer);
+    if (!own && entry.peer === this.store.selected) this.readConversation(entry.peer);
+  }
+
+  /** A message from the server (live, a copy, or history) into the conversation with peer; the entry. */
+  merge(msg, peer) {
+    const known = this.store.byId.get(msg.id);
+    if (known) return known;
+    const own = msg.from === this.me.user;
+    const entry = this.store.add({
       id: msg.id,
       from: msg.from,
       to: msg.to,
@@ -395,20 +484,148 @@ class ChatPage {
       ts: msg.ts,
       status: own ? "sent" : "received",
     });
-    const record = this.store.peers.get(peer);
-    if (!own && (peer !== this.store.selected || document.hidden)) record.unread += 1;
-    this.store.save();
-    this.renderConversations();
-    this.refresh(peer);
+    this.store.adopt(entry);
+    return entry;
   }
 
-  markRead(peer) {
+  // -- receipts: the ticks of own messages, and the reads this tab reports
+
+  onReceipt({ type, message, by }) {
+    if (typeof message !== "string" || typeof by !== "string") return;
+    const shown = this.store.receipt(message, type, by);
+    this.store.save();
+    if (shown) this.refresh(this.store.byId.get(message).peer);
+  }
+
+  /**
+   * The conversation is on screen: no longer unread, and (soon, in one msg.read)
+   * its messages are reported read, so that their senders see it.
+   */
+  readConversation(peer) {
     const record = this.store.peers.get(peer);
-    if (record && record.unread) {
+    if (record && record.unread && document.visibilityState === "visible") {
       record.unread = 0;
       this.store.save();
       this.renderConversations();
     }
+    if (this.readTimer === null) this.readTimer = setTimeout(() => this.sendReads(), READ_DELAY_MS);
+  }
+
+  sendReads() {
+    this.readTimer = null;
+    const peer = this.store.selected;
+    if (!peer || document.visibilityState !== "visible") return;
+    const unread = this.store
+      .conversation(peer)
+      .filter((entry) => entry.status === "received" && entry.id && !entry.readSent);
+    for (let start = 0; start < unread.length; start += MAX_READ_BATCH) {
+      const batch = unread.slice(start, start + MAX_READ_BATCH);
+      for (const entry of batch) entry.readSent = true;
+      this.client.markRead(batch.map((entry) => entry.id)).catch((error) => {
+        for (const entry of batch) entry.readSent = false; // told again the next time it is on screen
+        console.warn("could not report messages read:", error);
+      });
+    }
+    if (unread.length) this.store.save();
+  }
+
+  // -- typing: signals both ways
+
+  onSignal({ from, signal }) {
+    if (from === this.me.user || !signal || typeof signal !== "object") return; // another own tab, or not ours
+    if (signal.typing === true) {
+      clearTimeout(this.typing.get(from));
+      this.typing.set(from, setTimeout(() => this.stopTyping(from), TYPING_SHOWN_MS));
+      this.renderTyping();
+    } else if (signal.typing === false) {
+      this.stopTyping(from);
+    }
+  }
+
+  stopTyping(peer) {
+    if (!this.typing.has(peer)) return;
+    clearTimeout(this.typing.get(peer));
+    this.typing.delete(peer);
+    this.renderTyping();
+  }
+
+  renderTyping() {
+    const peer = this.store.selected;
+    const element = $("typing");
+    element.hidden = !(peer && this.typing.has(peer));
+    element.textContent = element.hidden ? "" : `${peer} is typing...`;
+  }
+
+  /** The user typed in the composer: tell the peer, at most every TYPING_EVERY_MS. */
+  typed() {
+    const peer = this.store.selected;
+    if (!peer || peer === this.me.user || this.client.state !== "open") return;
+    if (!$("text").value.trim()) {
+      if (this.typingTo === peer) this.signal(peer, { typing: false }); // cleared: no longer typing
+      this.typingTo = null;
+      return;
+    }
+    const now = Date.now();
+    if (now - this.typingSentAt < TYPING_EVERY_MS) return;
+    this.typingSentAt = now;
+    this.typingTo = peer;
+    this.signal(peer, { typing: true });
+  }
+
+  signal(peer, data) {
+    // Ephemeral: a signal lost to a drop or a rate limit is not worth a retry.
+    this.client.signal(peer, data).catch((error) => console.debug("typing signal not sent:", error));
+  }
+
+  // -- history: the conversation as the server keeps it
+
+  /** Load the newest page of the conversation once, or (older) the page before the oldest loaded. */
+  loadHistory(peer, { older = false } = {}) {
+    if (!peer) return;
+    const state = this.histories.get(peer) || { loaded: false, loading: false, more: false, before: null, note: "" };
+    this.histories.set(peer, state);
+    if (state.loading || (older ? !state.more : state.loaded)) return;
+    state.loading = true;
+    state.note = "";
+    this.renderHistoryBar();
+    this.client.history(peer, { limit: HISTORY_PAGE, before: older ? state.before : undefined }).then(
+      ({ messages, more }) => {
+        state.loaded = true;
+        state.more = Boolean(more) && messages.length > 0;
+        if (messages.length) state.before = messages.at(-1).id; // newest first: the last is the oldest
+        const list = this.list;
+        const keep = older && this.store.selected === peer ? list.scrollHeight - list.scrollTop : null;
+        for (const msg of messages) this.merge(msg, peer);
+        this.store.save();
+        this.renderConversations();
+        this.refresh(peer);
+        if (keep !== null) list.scrollTop = list.scrollHeight - keep; // the older page grows above what was on screen
+        if (peer === this.store.selected) this.readConversation(peer);
+      },
+      (error) => {
+        if (error?.code === -32601) {
+          state.loaded = true; // history is off on this server
+        } else if (error?.code === -32005) {
+          state.loaded = true;
+          state.note = "No such user.";
+        } else {
+          state.note = `Could not load the history: ${describeError(error)}`;
+        }
+      },
+    ).finally(() => {
+      state.loading = false;
+      this.renderHistoryBar();
+    });
+  }
+
+  renderHistoryBar() {
+    const state = this.histories.get(this.store.selected);
+    const button = $("load-older");
+    button.hidden = !state || !state.more || state.loading;
+    const note = $("history-note");
+    note.textContent = state?.loading ? "Loading the history…" : state?.note || "";
+    note.hidden = !note.textContent;
+    $("history-bar").hidden = button.hidden && note.hidden;
   }
 
   // -- the conversation list
@@ -416,11 +633,12 @@ class ChatPage {
   select(peer) {
     this.store.selected = peer;
     this.store.touch(peer);
-    this.markRead(peer);
+    this.readConversation(peer);
     this.store.save();
     this.renderConversations();
     this.renderMessages();
     this.scrollToEnd();
+    this.loadHistory(peer);
   }
 
   renderConversations() {
@@ -462,6 +680,8 @@ class ChatPage {
     if (peer) this.refresh(peer);
     this.list.removeAttribute("aria-busy");
     this.updateComposer();
+    this.renderTyping();
+    this.renderHistoryBar();
   }
 
   /** Bring the selected conversation's list up to date, moving only what changed place. */
@@ -513,7 +733,19 @@ class ChatPage {
       time.textContent = formatTime(entry.ts);
       time.title = new Date(entry.ts).toLocaleString();
     }
-    item.querySelector(".status").textContent = STATUS_TEXT[entry.status] ?? entry.status;
+    const status = item.querySelector(".status");
+    if (entry.from === this.me.user && entry.status === "sent") {
+      const level = receiptLevel(entry, this.me.user);
+      const [ticks, title] = TICKS[level];
+      item.dataset.receipt = level;
+      status.textContent = ticks;
+      const by = level === "read" ? entry.read || [] : [...new Set([...(entry.delivered || []), ...(entry.read || [])])];
+      status.title = level === "sent" ? title : `${title}: ${by.join(", ")}`;
+    } else {
+      delete item.dataset.receipt;
+      status.textContent = STATUS_TEXT[entry.status] ?? entry.status;
+      status.removeAttribute("title");
+    }
     item.querySelector(".error").textContent = entry.status === "failed" && entry.error ? entry.error : "";
     item.querySelector(".retry").hidden = !(entry.status === "failed" && entry.retryable);
     return item;
@@ -599,6 +831,8 @@ async function main() {
     page.onOpen(result);
   });
   client.on("message", (msg) => page.onMessage(msg));
+  client.on("receipt", (receipt) => page.onReceipt(receipt));
+  client.on("signal", (signal) => page.onSignal(signal));
   client.on("error", (error) => {
     if (error instanceof RpcError && (error.code === -32002 || error.code === -32001)) refused = error;
     else console.warn("devastator client:", error);

@@ -1,7 +1,9 @@
 // The chat page in headless Chromium against a real server: two people chat,
 // one goes offline, the server crashes and comes back, a page reloads, and the
 // page works over wss:// with the server's CA trusted the way a user would
-// trust it (an NSS database). Screenshots go to test-artifacts/.
+// trust it (an NSS database); delivered and read ticks, "typing...", history
+// on a user's second page and copies of its own messages there. Screenshots
+// go to test-artifacts/.
 import { test, describe } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
@@ -11,6 +13,7 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 import WebSocket from "ws";
+import { DevastatorClient } from "../index.js";
 import { startServer } from "./server.js";
 
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
@@ -322,6 +325,110 @@ describe("the chat page in Chromium", { skip: skipBrowser }, () => {
     await screenshot(bob, "bob-narrow");
     await bob.setViewportSize({ width: 1000, height: 700 });
     for (const page of [stranger, forged, alice, bob]) assert.deepEqual(page.errors, [], `${page.name}: uncaught errors`);
+  });
+
+  test("ticks, typing, history on a second page of the same user, and copies of its own messages there", async (t) => {
+    const defer = cleanups(t);
+    const { server } = await serve(defer);
+    const browser = await launch(defer);
+    const link = (user, device) => `${server.pageUrl}#token=${server.token(user, device)}`;
+    const alice = await openPage(defer, browser, link("alice", "web-1"), "ticks-alice");
+    const bob = await openPage(defer, browser, link("bob", "web-1"), "ticks-bob");
+    await Promise.all([waitForState(alice, "online"), waitForState(bob, "online")]);
+    for (const page of [alice, bob]) assert.equal(await page.evaluate(() => document.visibilityState), "visible");
+    const ownRow = (page, text) => page.locator("#messages li.own").filter({ hasText: text });
+    const conversation = [];
+
+    // Delivered: bob's page took the message, but bob has not opened the conversation.
+    await openConversation(alice, "bob");
+    await say(alice, "hello bob");
+    conversation.push(["alice", "hello bob"]);
+    await bob.locator('#conversations [data-peer="alice"] .unread').waitFor();
+    const hello = ownRow(alice, "hello bob");
+    await alice.locator('#messages li[data-receipt="delivered"]', { hasText: "hello bob" }).waitFor();
+    assert.equal(await hello.locator(".status").textContent(), "✓✓");
+    assert.match(await hello.locator(".status").getAttribute("title"), /delivered: bob/);
+    await screenshot(alice, "ticks-alice-delivered");
+
+    // Read: bob opens the conversation, his page tells the server, alice's shows it.
+    await openConversation(bob, "alice");
+    await alice.locator('#messages li[data-receipt="read"]', { hasText: "hello bob" }).waitFor();
+    assert.equal(await hello.locator(".status").textContent(), "✓✓ read");
+    const colours = await alice.evaluate(() => {
+      const status = document.querySelector('#messages li[data-receipt="read"] .status');
+      return [getComputedStyle(status).color, getComputedStyle(status.closest(".meta")).color];
+    });
+    assert.notEqual(colours[0], colours[1], "a read tick is coloured");
+    await screenshot(alice, "ticks-alice-read");
+
+    // Typing: shown while bob types, gone a few seconds after he stops.
+    await bob.locator("#text").pressSequentially("on my way", { delay: 20 });
+    const typing = alice.locator("#typing");
+    await alice.locator("#typing", { hasText: "bob is typing..." }).waitFor();
+    await screenshot(alice, "typing-alice");
+    const shownAt = Date.now();
+    await typing.waitFor({ state: "hidden", timeout: 8000 });
+    const shownFor = Date.now() - shownAt;
+    assert.ok(shownFor >= 1500 && shownFor <= 6000, `"typing..." shown for ${shownFor} ms`);
+    // Typing again, then the message: it ends "typing..." at once, not after the timeout.
+    await bob.locator("#text").pressSequentially(" now", { delay: 20 });
+    await alice.locator("#typing", { hasText: "bob is typing..." }).waitFor();
+    await bob.press("#text", "Enter");
+    conversation.push(["bob", "on my way now"]);
+    await typing.waitFor({ state: "hidden", timeout: 2500 });
+    await alice.locator("#messages li").filter({ hasText: "on my way now" }).waitFor();
+    // Alice has the conversation open: bob's own message gets its read tick.
+    await bob.locator('#messages li[data-receipt="read"]', { hasText: "on my way now" }).waitFor();
+
+    // More than a page of history: bob sends from another device of his (a bot),
+    // so his page shows those as his own, copies from his other device.
+    const bot = new DevastatorClient(server.url, { token: server.token("bob", "bot"), WebSocket, reconnect: false });
+    defer(() => bot.close());
+    await bot.connect();
+    for (let n = 1; n <= 55; n++) {
+      await bot.send("alice", { text: `bulk ${n}` });
+      conversation.push(["bob", `bulk ${n}`]);
+    }
+    bot.close();
+    await expectBoth(alice, bob, conversation);
+    assert.equal(await bob.locator("#messages li.own").filter({ hasText: "bulk 55" }).count(), 1, "a copy from bob's bot shows as his own");
+
+    // Alice's second page, opened after all that: the conversation comes from history,
+    // the newest 50 first, then the older ones with "load older".
+    const alice2 = await openPage(defer, browser, link("alice", "web-2"), "history-alice-2");
+    await waitForState(alice2, "online");
+    await openConversation(alice2, "bob");
+    const older = alice2.locator("#load-older");
+    await older.waitFor();
+    await alice2.waitForFunction(() => document.querySelectorAll("#messages li").length >= 50);
+    await expectConversation(alice2, seenBy("alice", conversation.slice(-50)));
+    await screenshot(alice2, "history-alice-2-first-page");
+    await older.click();
+    await expectConversation(alice2, seenBy("alice", conversation));
+    await older.waitFor({ state: "hidden" });
+    const helloOnPage2 = ownRow(alice2, "hello bob");
+    assert.equal(await helloOnPage2.count(), 1, "alice's own message from history shows as hers");
+
+    // A message alice sends on page 1 shows on page 2 as her own, and gets its ticks there too.
+    await say(alice, "from page one");
+    conversation.push(["alice", "from page one"]);
+    await expectConversation(alice2, seenBy("alice", conversation));
+    await expectConversation(bob, seenBy("bob", conversation));
+    await alice2.locator('#messages li.own[data-receipt="read"]', { hasText: "from page one" }).waitFor();
+    assert.equal(await alice2.locator("#messages li.own").filter({ hasText: "from page one" }).locator(".from").textContent(), "You");
+    await alice2.locator("#messages").evaluate((list) => (list.scrollTop = list.scrollHeight));
+    await screenshot(alice2, "history-alice-2-copy");
+
+    // A recipient with no device online: one tick, stored, and it stays so.
+    server.token("carol", "phone");
+    await openConversation(alice, "carol");
+    await say(alice, "are you there?");
+    const lonely = ownRow(alice, "are you there?");
+    await alice.locator('#messages li[data-status="sent"]', { hasText: "are you there?" }).waitFor();
+    assert.equal(await lonely.getAttribute("data-receipt"), "sent");
+    assert.equal(await lonely.locator(".status").textContent(), "✓");
+    await openConversation(alice, "bob"); // for its screenshot
+    for (const page of [alice, bob, alice2]) assert.deepEqual(page.errors, [], `${page.name}: uncaught errors`);
   });
 
   test("a second tab signed in as the same device takes over; the first says so and can take it back", async (t) => {

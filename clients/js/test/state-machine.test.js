@@ -543,3 +543,330 @@ describe("browser network events", () => {
     assert.equal(client.state, "open");
   });
 });
+
+/** A msg.receipt request as the server sends it: the JSON-RPC id is the receipt id. */
+function receiptRequest(message, type = "delivered", by = "bob", ts = 10) {
+  const id = `${message}.${type === "read" ? "r" : "d"}.${by}`;
+  return { jsonrpc: "2.0", id, method: "msg.receipt", params: { id, type, message, by, ts } };
+}
+
+/** Answer the request with a result. */
+function answer(ws, request, result) {
+  ws.deliver({ jsonrpc: "2.0", id: request.id, result });
+}
+
+describe("receipts", () => {
+  test("send() passes receipt in the msg.send params when given", OPTIONS, async (t) => {
+    const { client, ws } = await connected(t);
+    const asked = client.send("bob", "hi", { cid: "c1", receipt: true });
+    const notAsked = client.send("bob", "hi", { cid: "c2", receipt: false });
+    const plain = client.send("bob", "hi", { cid: "c3" });
+    const [a, b, c] = [await ws.frame(), await ws.frame(), await ws.frame()];
+    assert.deepEqual(a.params, { to: "bob", message: "hi", cid: "c1", receipt: true });
+    assert.deepEqual(b.params, { to: "bob", message: "hi", cid: "c2", receipt: false });
+    assert.deepEqual(c.params, { to: "bob", message: "hi", cid: "c3" }, "no receipt field unless asked");
+    for (const [n, request] of [a, b, c].entries()) answer(ws, request, { id: `m${n}`, ts: n });
+    await Promise.all([asked, notAsked, plain]);
+  });
+
+  test("msg.receipt: the listener gets the params, the ACK waits for its promise", OPTIONS, async (t) => {
+    const { client, ws } = await connected(t);
+    let release;
+    const released = new Promise((resolve) => (release = resolve));
+    const got = [];
+    client.on("receipt", async (receipt) => {
+      got.push(receipt);
+      await released;
+    });
+    const request = receiptRequest("m1");
+    ws.deliver(request);
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.deepEqual(got, [{ id: "m1.d.bob", type: "delivered", message: "m1", by: "bob", ts: 10 }]);
+    assert.equal(ws.unread, 0, "no ACK before the listener's promise resolves");
+    release();
+    assert.deepEqual(await ws.frame(), ack("m1.d.bob"));
+  });
+
+  test("receipts and messages in one batch: listeners one at a time, in order, one batch of ACKs", OPTIONS, async (t) => {
+    const { client, ws } = await connected(t);
+    const order = [];
+    client.on("message", async (msg) => {
+      await new Promise((resolve) => setTimeout(resolve, 5));
+      order.push(`message ${msg.id}`);
+    });
+    client.on("receipt", (receipt) => order.push(`receipt ${receipt.id}`));
+    ws.deliver([recv("m1"), receiptRequest("m0", "read"), recv("m2"), receiptRequest("m1")]);
+    assert.deepEqual(await ws.frame(), [ack("m1"), ack("m0.r.bob"), ack("m2"), ack("m1.d.bob")]);
+    assert.deepEqual(order, ["message m1", "receipt m0.r.bob", "message m2", "receipt m1.d.bob"]);
+  });
+
+  test("a duplicate receipt is ACKed again but not handed over, across reconnects; the set is bounded", OPTIONS, async (t) => {
+    const { fake, client, ws } = await connected(t, { dedupeSize: 2 });
+    const seen = [];
+    client.on("receipt", (receipt) => seen.push(receipt.id));
+    ws.deliver([receiptRequest("a"), receiptRequest("a")]);
+    assert.deepEqual(await ws.frame(), [ack("a.d.bob"), ack("a.d.bob")]);
+    ws.drop(1006);
+    const again = await fake.next();
+    await again.authenticate({ user: "alice", device: "phone", pending: 2 });
+    again.deliver([receiptRequest("a"), receiptRequest("b")]);
+    assert.deepEqual(await again.frame(), [ack("a.d.bob"), ack("b.d.bob")]);
+    assert.deepEqual(seen, ["a.d.bob", "b.d.bob"]);
+    again.deliver(receiptRequest("c")); // a is the oldest of the 2 kept: forgotten
+    await again.frame();
+    again.deliver(receiptRequest("a"));
+    await again.frame();
+    assert.deepEqual(seen, ["a.d.bob", "b.d.bob", "c.d.bob", "a.d.bob"]);
+  });
+
+  test("receipt ids and message ids are remembered apart", OPTIONS, async (t) => {
+    const { client, ws } = await connected(t);
+    const seen = [];
+    client.on("message", (msg) => seen.push(`message ${msg.id}`));
+    client.on("receipt", (receipt) => seen.push(`receipt ${receipt.id}`));
+    const same = { ...receiptRequest("x"), id: "m1", params: { ...receiptRequest("x").params, id: "m1" } };
+    ws.deliver([recv("m1"), same]);
+    await ws.frame();
+    assert.deepEqual(seen, ["message m1", "receipt m1"]);
+  });
+
+  test("a receipt listener that throws: error event, -32603 instead of the ACK, and the redelivery is handed over", OPTIONS, async (t) => {
+    const { client, ws } = await connected(t);
+    let calls = 0;
+    client.on("receipt", async () => {
+      calls += 1;
+      if (calls === 1) throw new Error("database locked");
+    });
+    const errored = once(client, "error");
+    ws.deliver(receiptRequest("m1", "read"));
+    assert.equal((await errored).message, "database locked");
+    const failed = await ws.frame();
+    assert.equal(failed.id, "m1.r.bob");
+    assert.equal(failed.error.code, ErrorCode.INTERNAL_ERROR);
+    assert.match(failed.error.message, /receipt handler failed: database locked/);
+    ws.deliver(receiptRequest("m1", "read"));
+    assert.deepEqual(await ws.frame(), ack("m1.r.bob"));
+    assert.equal(calls, 2);
+  });
+
+  test("without a receipt listener a receipt is ACKed (no longer -32601), and the message listener never sees it", OPTIONS, async (t) => {
+    const { client, ws } = await connected(t);
+    const messages = [];
+    client.on("message", (msg) => messages.push(msg));
+    ws.deliver(receiptRequest("m1"));
+    assert.deepEqual(await ws.frame(), ack("m1.d.bob"));
+    assert.deepEqual(messages, []);
+  });
+});
+
+describe("copies from the user's other devices", () => {
+  test("user and device are the auth result's; a msg.recv from the user itself goes to the message listener", OPTIONS, async (t) => {
+    const { fake, client } = setup(t);
+    assert.equal(client.user, null);
+    assert.equal(client.device, null);
+    const connecting = client.connect();
+    await (await fake.next()).authenticate({ user: "alice", device: "laptop", pending: 1 });
+    await connecting;
+    const ws = fake.all[0];
+    assert.equal(client.user, "alice");
+    assert.equal(client.device, "laptop");
+    const received = once(client, "message");
+    ws.deliver(recv("m1", { text: "from my phone" }, { from: "alice", to: ["bob", "carol"] }));
+    const msg = await received;
+    assert.equal(msg.from, client.user, "from === client.user: sent by this user from another device");
+    assert.deepEqual(msg.to, ["bob", "carol"]);
+    assert.deepEqual(await ws.frame(), ack("m1"));
+    ws.drop(1006);
+    assert.equal(client.user, "alice", "kept while reconnecting");
+  });
+});
+
+describe("signals", () => {
+  test("a msg.signal notification goes to the signal listeners and is not answered", OPTIONS, async (t) => {
+    const { client, ws } = await connected(t);
+    const signals = [];
+    const messages = [];
+    client.on("signal", (signal) => signals.push(signal));
+    client.on("message", (msg) => messages.push(msg));
+    const params = { from: "bob", to: "alice", signal: { typing: true }, ts: 5 };
+    ws.deliver({ jsonrpc: "2.0", method: "msg.signal", params });
+    ws.deliver([{ jsonrpc: "2.0", method: "msg.signal", params: { ...params, signal: { typing: false } } }]);
+    ws.deliver({ jsonrpc: "2.0", method: "msg.signal", params: "not an object" });
+    ws.deliver({ jsonrpc: "2.0", id: 1, method: "ping" });
+    assert.deepEqual(await ws.frame(), { jsonrpc: "2.0", id: 1, result: "pong" }, "nothing was written for the signals");
+    assert.deepEqual(signals, [params, { ...params, signal: { typing: false } }]);
+    assert.deepEqual(messages, []);
+  });
+
+  test("a signal listener that throws is an error event; the others still get it", OPTIONS, async (t) => {
+    const { client, ws } = await connected(t);
+    const got = [];
+    client.on("signal", () => {
+      throw new Error("render bug");
+    });
+    client.on("signal", (signal) => got.push(signal.signal));
+    const errored = once(client, "error");
+    ws.deliver({ jsonrpc: "2.0", method: "msg.signal", params: { from: "bob", to: "alice", signal: 1, ts: 1 } });
+    assert.equal((await errored).message, "render bug");
+    assert.deepEqual(got, [1]);
+    assert.equal(client.state, "open");
+  });
+
+  test("signal(): a msg.signal request that resolves with ACK", OPTIONS, async (t) => {
+    const { client, ws } = await connected(t);
+    const signalling = client.signal(["bob", "carol"], { typing: true });
+    const request = await ws.frame();
+    assert.deepEqual(request, { jsonrpc: "2.0", id: request.id, method: "msg.signal", params: { to: ["bob", "carol"], signal: { typing: true } } });
+    answer(ws, request, "ACK");
+    assert.equal(await signalling, "ACK");
+  });
+
+  for (const [code, data] of [[ErrorCode.OVERLOADED, { retry_after_ms: 50 }], [ErrorCode.TOO_LARGE, undefined], [ErrorCode.INVALID_PARAMS, undefined]]) {
+    test(`signal() answered ${code} rejects with RpcError`, OPTIONS, async (t) => {
+      const { client, ws } = await connected(t);
+      const signalling = client.signal("bob", "x");
+      const request = await ws.frame();
+      ws.deliver({ jsonrpc: "2.0", id: request.id, error: { code, message: "no", ...(data ? { data } : {}) } });
+      await assert.rejects(signalling, (error) => error instanceof RpcError && error.code === code && (data === undefined || error.data.retry_after_ms === 50));
+      assert.equal(client.state, "open");
+    });
+  }
+
+  test("signal() when not connected rejects at once with ConnectionError and is never sent later", OPTIONS, async (t) => {
+    const { fake, client } = setup(t, { reconnect: { minDelayMs: 60000, maxDelayMs: 60000 } });
+    await assert.rejects(client.signal("bob", { typing: true }), (error) => error instanceof ConnectionError && /not connected/.test(error.message));
+    const connecting = client.connect();
+    await assert.rejects(client.signal("bob", { typing: true }), ConnectionError, "connecting is not connected");
+    const ws = await fake.next();
+    await ws.authenticate();
+    await connecting;
+    const pinging = client.ping();
+    const request = await ws.frame();
+    assert.equal(request.method, "ping", "the signals were not queued");
+    answer(ws, request, "pong");
+    await pinging;
+
+    t.mock.method(Math, "random", () => 1);
+    ws.drop(1006, "gone");
+    assert.equal(client.state, "connecting");
+    await assert.rejects(client.signal("bob", 1), (error) => error instanceof ConnectionError && error.code === 1006 && error.reason === "gone");
+    client.close();
+    await assert.rejects(client.signal("bob", 1), (error) => error instanceof ConnectionError && error.code === 1000);
+  });
+
+  test("a signal in flight when the connection drops rejects and is not sent again", OPTIONS, async (t) => {
+    const { fake, client, ws } = await connected(t);
+    const signalling = client.signal("bob", { typing: true });
+    assert.equal((await ws.frame()).method, "msg.signal");
+    ws.drop(1006);
+    await assert.rejects(signalling, (error) => error instanceof ConnectionError && error.code === 1006);
+    const again = await fake.next();
+    await again.authenticate();
+    const pinging = client.ping();
+    const request = await again.frame();
+    assert.equal(request.method, "ping");
+    answer(again, request, "pong");
+    await pinging;
+  });
+
+  test("a signal JSON cannot carry is refused at once", OPTIONS, async (t) => {
+    const { client } = await connected(t);
+    await assert.rejects(client.signal("bob", { n: 1n }), TypeError);
+  });
+});
+
+describe("markRead", () => {
+  test("msg.read {ids}, resolves with ACK", OPTIONS, async (t) => {
+    const { client, ws } = await connected(t);
+    const marking = client.markRead(["m1", "m2"]);
+    const request = await ws.frame();
+    assert.deepEqual(request, { jsonrpc: "2.0", id: request.id, method: "msg.read", params: { ids: ["m1", "m2"] } });
+    answer(ws, request, "ACK");
+    assert.equal(await marking, "ACK");
+  });
+
+  test("made while disconnected it waits in the queue, and one in flight when the connection drops goes again", OPTIONS, async (t) => {
+    const { fake, client } = setup(t);
+    const early = client.markRead(["m1"]);
+    const connecting = client.connect();
+    const ws = await fake.next();
+    await ws.authenticate();
+    await connecting;
+    const first = await ws.frame();
+    assert.deepEqual(first.params, { ids: ["m1"] });
+    const inFlight = client.markRead(["m2"]);
+    assert.deepEqual((await ws.frame()).params, { ids: ["m2"] });
+    ws.drop(1006); // neither was answered
+    const again = await fake.next();
+    await again.authenticate();
+    const resent = [await again.frame(), await again.frame()];
+    assert.deepEqual(resent.map((request) => [request.method, request.params.ids]), [["msg.read", ["m1"]], ["msg.read", ["m2"]]]);
+    for (const request of resent) answer(again, request, "ACK");
+    assert.deepEqual(await Promise.all([early, inFlight]), ["ACK", "ACK"]);
+  });
+
+  test("errors reject with RpcError; ids that are not an array are a TypeError", OPTIONS, async (t) => {
+    const { client, ws } = await connected(t);
+    const marking = client.markRead(new Array(1001).fill("m"));
+    const request = await ws.frame();
+    ws.deliver({ jsonrpc: "2.0", id: request.id, error: { code: ErrorCode.TOO_LARGE, message: "too many ids" } });
+    await assert.rejects(marking, (error) => error instanceof RpcError && error.code === ErrorCode.TOO_LARGE);
+    await assert.rejects(client.markRead("m1"), TypeError);
+    assert.equal(ws.unread, 0, "nothing sent for a bad argument");
+  });
+});
+
+describe("history", () => {
+  const page = {
+    messages: [
+      { id: "m2", from: "bob", to: "alice", message: "newer", ts: 2, expires: 9 },
+      { id: "m1", from: "alice", to: "bob", message: "older", ts: 1, expires: 9 },
+    ],
+    more: true,
+  };
+
+  test("msg.history {with, before, limit}: resolves with the page", OPTIONS, async (t) => {
+    const { client, ws } = await connected(t);
+    const first = client.history("bob", { limit: 2 });
+    const request = await ws.frame();
+    assert.deepEqual(request, { jsonrpc: "2.0", id: request.id, method: "msg.history", params: { with: "bob", limit: 2 } });
+    answer(ws, request, page);
+    assert.deepEqual(await first, page);
+    const older = client.history("bob", { before: "m1", limit: 50 });
+    const next = await ws.frame();
+    assert.deepEqual(next.params, { with: "bob", before: "m1", limit: 50 });
+    answer(ws, next, { messages: [], more: false });
+    assert.deepEqual(await older, { messages: [], more: false });
+    const plain = client.history("bob", { before: null });
+    const third = await ws.frame();
+    assert.deepEqual(third.params, { with: "bob" }, "no before or limit unless given");
+    answer(ws, third, { messages: [], more: false });
+    await plain;
+  });
+
+  for (const [code, data] of [[ErrorCode.METHOD_NOT_FOUND, undefined], [ErrorCode.UNKNOWN_RECIPIENT, { unknown: ["nobody"] }], [ErrorCode.INVALID_PARAMS, undefined]]) {
+    test(`history answered ${code} rejects with RpcError`, OPTIONS, async (t) => {
+      const { client, ws } = await connected(t);
+      const asking = client.history("nobody");
+      const request = await ws.frame();
+      ws.deliver({ jsonrpc: "2.0", id: request.id, error: { code, message: "no", ...(data ? { data } : {}) } });
+      const error = await asking.catch((caught) => caught);
+      assert.ok(error instanceof RpcError);
+      assert.equal(error.code, code);
+      assert.deepEqual(error.data, data);
+    });
+  }
+
+  test("a history request in flight when the connection drops is asked again after the reconnect", OPTIONS, async (t) => {
+    const { fake, client, ws } = await connected(t);
+    const asking = client.history("bob", { limit: 10 });
+    const request = await ws.frame();
+    ws.drop(1006);
+    const again = await fake.next();
+    await again.authenticate();
+    const resent = await again.frame();
+    assert.deepEqual(resent.params, request.params);
+    answer(again, resent, page);
+    assert.deepEqual(await asking, page);
+  });
+});

@@ -1,7 +1,7 @@
 // Type-checked by `tsc -p tsconfig.json` (npm test), never run: right uses compile,
 // and each @ts-expect-error line must fail to compile, or tsc reports it unused.
 import { CloseCode, ConnectionError, DevastatorClient, ErrorCode, RpcError } from "devastator-client";
-import type { AuthResult, CloseInfo, Message, SendResult, State, WebSocketLike } from "devastator-client";
+import type { AuthResult, CloseInfo, HistoryPage, Message, Receipt, SendResult, Signal, State, WebSocketLike } from "devastator-client";
 
 class FakeWebSocket implements WebSocketLike {
   readyState = 0;
@@ -35,11 +35,30 @@ export async function usage(): Promise<void> {
     console.log(from, ts, message.id, message.to, message.message, message.expires);
   });
   client.on("message", (message) => void message.id);
+  client.on("message", (message) => {
+    if (message.from === client.user) console.log("sent from another device to", message.to);
+  });
+  client.on("receipt", async ({ id, type, message, by, ts }: Receipt) => {
+    const read: boolean = type === "read";
+    console.log(id.length, read, message.length, by.length, ts + 1);
+  });
+  client.on("signal", (signal: Signal) => console.log(signal.from, signal.to, signal.signal, signal.ts));
+  client.on("signal", ({ signal }) => void signal);
   client.on("close", ({ code, reason, willReconnect }: CloseInfo) => console.log(code === CloseCode.REPLACED, reason, willReconnect));
   client.on("error", (error: Error) => console.log(error.message));
 
   const auth: AuthResult = await client.connect();
-  const sent: SendResult = await client.send("bob", { text: "hi" }, { cid: "c-1", ttl: 60 });
+  const sent: SendResult = await client.send("bob", { text: "hi" }, { cid: "c-1", ttl: 60, receipt: true });
+  const acked: "ACK" = await client.markRead([sent.id]);
+  const signalled: "ACK" = await client.signal(["bob"], { typing: true });
+  await client.signal("bob", null);
+  const page: HistoryPage = await client.history("bob", { limit: 50 });
+  const older = await client.history("bob", { before: page.messages.at(-1)?.id ?? null });
+  await client.history("bob");
+  const first: Message | undefined = older.messages[0];
+  const me: string | null = client.user;
+  const device: string | null = client.device;
+  console.log(acked, signalled, page.more, first?.from, me, device);
   await client.send(["bob", "carol"], null);
   const id: string = sent.id;
   const ts: number = sent.ts;
@@ -93,6 +112,20 @@ export async function usage(): Promise<void> {
   await client.send();
   // @ts-expect-error the cid is a string
   await client.send("bob", 1, { cid: 7 });
+  // @ts-expect-error receipt is a boolean
+  await client.send("bob", 1, { receipt: "yes" });
+  // @ts-expect-error markRead wants an array of ids
+  await client.markRead("m1");
+  // @ts-expect-error a receipt listener gets a Receipt
+  client.on("receipt", (receipt: Message) => console.log(receipt));
+  // @ts-expect-error no such receipt type
+  client.on("receipt", (receipt) => receipt.type === "seen");
+  // @ts-expect-error history needs a user
+  await client.history();
+  // @ts-expect-error limit is a number
+  await client.history("bob", { limit: "50" });
+  // @ts-expect-error user is read-only
+  client.user = "mallory";
   // @ts-expect-error ErrorCode is read-only
   ErrorCode.FORBIDDEN = 1;
   console.log(wrong, text);
