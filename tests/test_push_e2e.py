@@ -250,3 +250,25 @@ def test_an_upstream_message_is_stored_as_a_send_from_its_device(ccs_server, fak
     running.server.store_ref.ask(Inspect())
     with pytest.raises(TimeoutError):
         alice.receive(timeout=0.5)  # stored once: the upstream message id is its cid
+
+
+def test_a_receipt_wakes_the_offline_sender_and_a_copy_does_not(fcm_server, fake_fcm):  # noqa: F811
+    running = fcm_server
+    phone = running.connect("bob", "phone")
+    assert phone.call("push.register", {"platform": "fcm", "token": FCM_TOKEN}) == "ACK"
+    running.register("carol")
+    sent = phone.send("carol", "tell me when you have it", receipt=True)
+    phone.close()
+    offline(running, "bob")
+    # A copy for the offline phone of what bob's laptop sends: his own message wakes nobody.
+    running.connect("bob", "laptop").send("carol", "from the laptop")
+    settled(running)
+    assert fake_fcm.accepted == []
+
+    carol = running.connect("carol")
+    assert {carol.receive(timeout=WAIT)["id"] for _ in range(2)} >= {sent["id"]}
+    fake_fcm.wait_for(lambda: len(fake_fcm.accepted) == 1)  # the delivered receipt for bob
+    assert fake_fcm.accepted[0]["token"] == FCM_TOKEN
+    phone = running.connect("bob", "phone")
+    receipts = [phone.receive_receipt(timeout=WAIT)]
+    assert (receipts[0]["type"], receipts[0]["message"], receipts[0]["by"]) == ("delivered", sent["id"], "carol")
