@@ -141,20 +141,22 @@ def _require_object(params: Any) -> dict:
 
 
 def _message_json(params: dict, limits: Limits) -> bytes:
-    if "message" not in params:
-        raise InvalidParams('missing field "message"')
+    return _json_value(params, "message", limits.max_message_bytes)
+
+
+def _json_value(params: dict, field: str, max_bytes: int) -> bytes:
+    """The field's JSON value, serialized; at most ``max_bytes``. Null is a value, a missing field is not."""
+    if field not in params:
+        raise InvalidParams(f'missing field "{field}"')
     try:
         # Re-serializing normalizes the payload (compact, valid UTF-8) so the
         # stored bytes and the size check agree with what is delivered.
-        message_json = orjson.dumps(params["message"])
+        value_json = orjson.dumps(params[field])
     except orjson.JSONEncodeError as exc:
-        raise InvalidParams(f'"message" is not serializable: {exc}') from None
-    if len(message_json) > limits.max_message_bytes:
-        raise TooLarge(
-            f'"message" is {len(message_json)} bytes, over the limit of '
-            f"{limits.max_message_bytes} bytes"
-        )
-    return message_json
+        raise InvalidParams(f'"{field}" is not serializable: {exc}') from None
+    if len(value_json) > max_bytes:
+        raise TooLarge(f'"{field}" is {len(value_json)} bytes, over the limit of {max_bytes} bytes')
+    return value_json
 
 
 def _string(params: dict, field: str, max_chars: int, *, required: bool) -> str | None:
@@ -246,17 +248,7 @@ def parse_signal(params: Any, limits: Limits) -> SignalParams:
     """Validate ``msg.signal`` params: ``{"to", "signal"}``, the signal at most ``max_signal_bytes``."""
     params = _require_object(params)
     to = _recipients(params, limits)
-    if "signal" not in params:
-        raise InvalidParams('missing field "signal"')
-    try:
-        signal_json = orjson.dumps(params["signal"])
-    except orjson.JSONEncodeError as exc:
-        raise InvalidParams(f'"signal" is not serializable: {exc}') from None
-    if len(signal_json) > limits.max_signal_bytes:
-        raise TooLarge(
-            f'"signal" is {len(signal_json)} bytes, over the limit of {limits.max_signal_bytes} bytes'
-        )
-    return SignalParams(to, signal_json)
+    return SignalParams(to, _json_value(params, "signal", limits.max_signal_bytes))
 
 
 def parse_history(params: Any) -> HistoryParams:
