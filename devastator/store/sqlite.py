@@ -445,7 +445,7 @@ class SqliteStore:
         db = self._conn
         with self.batch():
             wanted = []
-            for message_id in message_ids:
+            for message_id in dict.fromkeys(message_ids):  # an id twice is read once
                 wanted.extend(db.execute(
                     "SELECT id, sender, ttl_ms, delivered FROM wanted_receipts"
                     " WHERE recipient = ? AND id = ? AND expires > ?",
