@@ -112,6 +112,18 @@ def _parser() -> argparse.ArgumentParser:
     jwt_commands.add_parser(
         "rotate", parents=[common], help="sign new tokens with a new key; tokens already issued stay valid"
     )
+
+    apikey = commands.add_parser("apikey", parents=[common], help="keys for the server API (/api/v1/)")
+    apikey_commands = apikey.add_subparsers(dest="apikey_command", metavar="ACTION", required=True)
+    apikey_create = apikey_commands.add_parser(
+        "create", parents=[common], help="make a key and print it (once: only its hash is kept)"
+    )
+    apikey_create.add_argument("name")
+    apikey_commands.add_parser("list", parents=[common], help="list the keys' names, ids and creation times")
+    apikey_remove = apikey_commands.add_parser(
+        "remove", parents=[common], help="revoke a key: a running server refuses it at its next use"
+    )
+    apikey_remove.add_argument("name")
     return parser
 
 
@@ -356,6 +368,33 @@ def _jwt(settings: Settings, args) -> int:
     return 0
 
 
+def _apikey(settings: Settings, args) -> int:
+    from . import api_keys
+
+    data_dir = settings.data_dir
+    try:
+        if args.apikey_command == "create":
+            key, _ = api_keys.create_api_key(data_dir, args.name)
+            print(f"created API key {args.name!r}; it is shown this once, keep it secret:", file=sys.stderr)
+            print(key)
+        elif args.apikey_command == "list":
+            print("NAME\tID\tCREATED")
+            for entry in api_keys.load_api_keys(data_dir):
+                print(f"{entry.name}\t{entry.id}\t{_time(entry.created)}")
+        elif api_keys.remove_api_key(data_dir, args.name):
+            print(f"removed API key {args.name!r}: it no longer works")
+        else:
+            print(f"devastator: no API key named {args.name!r}", file=sys.stderr)
+            return 1
+    except api_keys.ApiKeyError as error:
+        print(f"devastator: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # a broken keys file
+        print(f"devastator: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _time(ms: int | None) -> str:
     if ms is None:
         return "-"
@@ -370,4 +409,5 @@ _COMMANDS = {
     "user": _user,
     "device": _device,
     "jwt": _jwt,
+    "apikey": _apikey,
 }

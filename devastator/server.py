@@ -206,6 +206,7 @@ class Server:
             reuse_port=settings.workers > 1,
             admission=admission,
         )
+        api = self._api_endpoint(store_ref, router_ref, authority, registrar, limits, admission, device_nodes)
         self.http = HttpTransport(
             host=settings.host,
             port=settings.http_port,
@@ -227,6 +228,7 @@ class Server:
             telemetry=telemetry,
             reuse_port=settings.workers > 1,
             admission=admission,
+            api=api,
         )
         self.operations = Operations(
             telemetry=telemetry,
@@ -288,6 +290,31 @@ class Server:
             ))
 
         return start_cluster, cluster.RedisPushCoordination(client, keys, presence), presence.devices_of
+
+    def _api_endpoint(self, store_ref, router_ref, authority, registrar, limits, admission, device_nodes):
+        """The server API (PROTOCOL.md 8): its keys file, and how to start its actor (again, if it dies)."""
+        from .actors.api import ApiActor
+        from .api_keys import ApiKeyFile
+        from .transports.api import ApiEndpoint
+
+        def start_api() -> pykka.ActorRef:
+            return self._track(ApiActor.start(
+                store=store_ref,
+                router=router_ref,
+                authority=authority,
+                new_device_id=registrar.new_device_id,
+                admission=admission,
+                device_nodes=device_nodes,
+            ))
+
+        return ApiEndpoint(
+            keys=ApiKeyFile(self.settings.data_dir),
+            start_actor=start_api,
+            limits=limits.message_limits,
+            token_ttl=self.settings.token_ttl,
+            admission=admission,
+            telemetry=self.telemetry,
+        )
 
     def _watch_core(self, name: str, ref: pykka.ActorRef) -> pykka.ActorRef:
         """Shut the server down if ``ref`` stops while the server is not stopping: it died."""

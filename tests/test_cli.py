@@ -90,3 +90,47 @@ def test_a_port_in_use_is_a_clear_error(tmp_path):
     assert result.returncode == 1
     assert "cannot start" in result.stderr and "Address already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_apikey_create_list_remove(tmp_path):
+    import hashlib
+    import json
+    import stat
+
+    from devastator.api_keys import ApiKeyFile
+
+    data = tmp_path / "data"
+    created = run("apikey", "create", "backend", "--data-dir", str(data))
+    key = created.stdout.strip()
+    assert created.stdout.count("dvk_") == 1 and key.startswith("dvk_")  # the key, once, alone on stdout
+    assert "shown this once" in created.stderr and key not in created.stderr
+    path = data / "api-keys.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    text = path.read_text()
+    assert key not in text and key.split("_")[2] not in text  # neither the key nor its secret...
+    (entry,) = json.loads(text)["keys"]
+    assert entry["sha256"] == hashlib.sha256(key.encode()).hexdigest()  # ...only its hash
+    assert entry["name"] == "backend" and key.split("_")[1] == entry["id"]
+    assert ApiKeyFile(data).verify(key).name == "backend"
+
+    taken = run("apikey", "create", "backend", "--data-dir", str(data), check=False)
+    assert taken.returncode == 2 and "exists already" in taken.stderr
+    run("apikey", "create", "other", "--data-dir", str(data))
+    listing = run("apikey", "list", "--data-dir", str(data)).stdout.splitlines()
+    assert listing[0] == "NAME\tID\tCREATED"
+    assert [line.split("\t")[:2] for line in listing[1:]][0] == ["backend", entry["id"]]
+    assert len(listing) == 3 and "dvk_" not in "".join(listing) and entry["sha256"] not in "".join(listing)
+
+    assert "removed" in run("apikey", "remove", "backend", "--data-dir", str(data)).stdout
+    assert ApiKeyFile(data).verify(key) is None
+    missing = run("apikey", "remove", "backend", "--data-dir", str(data), check=False)
+    assert missing.returncode == 1 and "no API key named" in missing.stderr
+    assert [line.split("\t")[0] for line in run("apikey", "list", "--data-dir", str(data)).stdout.splitlines()] == [
+        "NAME", "other"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("name", ["", "no spaces", "x" * 65])
+def test_apikey_names_are_checked(tmp_path, name):
+    result = run("apikey", "create", name, "--data-dir", str(tmp_path / "data"), check=False)
+    assert result.returncode == 2 and "invalid key name" in result.stderr

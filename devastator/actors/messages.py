@@ -530,3 +530,64 @@ def tell_if_alive(ref: ActorRef, message) -> bool:
     except ActorDeadError:
         return False
     return True
+
+
+# -- the server API: HTTP greenlet -> API actor -> store, router ---------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ApiCall:
+    """One server API request, told to the API actor by the greenlet of its HTTP connection.
+
+    ``request`` is typed (protocol/api.py: ApiSend, TokenRequest, UserLookup,
+    DeviceRemoval); ``answer`` is the gevent AsyncResult that greenlet waits on,
+    set with a ``protocol.api.ApiAnswer``; ``admission`` is the HTTP connection's
+    ConnectionAdmission, told of a send's answer like a device actor's.
+    """
+
+    request: Any
+    answer: Any
+    admission: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class AddUser:
+    """Create the user if new (the "from" of a server API send, told just before its Append); no answer."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoadUser:
+    """What the store knows of a user for ``GET /api/v1/users/{user}``; answered UserLoaded."""
+
+    user: str
+    request_key: int
+    reply_to: ActorRef
+
+
+@dataclass(frozen=True, slots=True)
+class UserLoaded:
+    request_key: int
+    exists: bool = False
+    devices: tuple[str, ...] = ()  # registered, in the store's order
+    pending: tuple[tuple[str, int], ...] = ()  # (device, deliveries not ACKed) for those that have any
+    error: RpcError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveDevice:
+    """Revoke a device's credentials (``DELETE /api/v1/users/{user}/devices/{device}``); answered DeviceRemovalDone."""
+
+    user: str
+    device: str
+    request_key: int
+    reply_to: ActorRef
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRemovalDone:
+    request_key: int
+    removed: bool = False  # False: no such device (or no such user, then ``unknown_user``)
+    unknown_user: bool = False
+    error: RpcError | None = None

@@ -76,6 +76,7 @@ from .messages import (
     UserExpired,
     tell_if_alive,
 )
+from .messages import AddUser, DeviceRemovalDone, LoadUser, RemoveDevice, UserLoaded  # the server API
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +360,8 @@ class StoreActor(pykka.ThreadingActor):
             target = request.target
             store.remove_push_token(target.user, target.device, target.platform, target.token)
             return None
+        if isinstance(request, (AddUser, LoadUser, RemoveDevice)):
+            return _apply_api(store, request, now_ms)
         if isinstance(request, PurgeExpired):
             purged = store.purge_expired(now_ms)
             self._telemetry.messages_expired += purged
@@ -398,7 +401,7 @@ class StoreActor(pykka.ThreadingActor):
                         "the message store failed; retry later")
                     tell_if_alive(request.reply_to, ReadMarked(request.request_key, error))
             elif isinstance(request, (LoadPending, AttachDevice, Register, PollRemovals, SetPushToken,
-                                      FindPushDevice, ExpireUser, LoadHistory)):
+                                      FindPushDevice, ExpireUser, LoadHistory, LoadUser, RemoveDevice)):
                 tell_if_alive(request.reply_to, outcome)
         for ref, (stored, wake, users) in committed.items():
             tell_if_alive(ref, Committed(tuple(stored), tuple(wake), recheck=tuple(users)))
@@ -440,4 +443,25 @@ def _failed(request, *, recheck: bool = False):
         return UserExpired(request.request_key, 0)
     if isinstance(request, LoadHistory):
         return HistoryLoaded(request.request_key, error=error)
+    if isinstance(request, LoadUser):
+        return UserLoaded(request.request_key, error=error)
+    if isinstance(request, RemoveDevice):
+        return DeviceRemovalDone(request.request_key, error=error)
     return None
+
+
+def _apply_api(store: Store, request, now_ms: int):
+    """The server API's own requests (actors/api.py)."""
+    if isinstance(request, AddUser):
+        store.add_user(request.user, now_ms)
+        return None
+    if isinstance(request, LoadUser):
+        if not store.has_user(request.user):
+            return UserLoaded(request.request_key)
+        devices = tuple(record.device for record in store.list_devices(request.user))
+        backlog = store.backlog(request.user, now_ms)
+        return UserLoaded(request.request_key, True, devices,
+                          tuple((device, count) for device, (count, _) in backlog.items()))
+    if not store.has_user(request.user):
+        return DeviceRemovalDone(request.request_key, unknown_user=True)
+    return DeviceRemovalDone(request.request_key, removed=store.remove_device(request.user, request.device, now_ms))

@@ -23,13 +23,17 @@ from typing import Callable, Mapping
 
 import gevent
 import h11
+import orjson
 import pykka
 from gevent.pool import Pool
 from gevent.server import StreamServer
 from wsproto.utilities import generate_accept_token
 
 from ..admission import AdmissionControl
+from ..protocol.api import is_api_path
+from ..protocol.errors import INVALID_REQUEST
 from ..telemetry import Telemetry
+from .api import ApiEndpoint
 from .endpoint import Endpoint, half_close, listener, shut_socket
 from .outbound import OutboundQueue
 from .websocket import SUBPROTOCOL, WebSocketSession
@@ -82,6 +86,7 @@ class HttpTransport(Endpoint):
         telemetry: Telemetry | None = None,
         reuse_port: bool = False,
         admission: AdmissionControl | None = None,
+        api: ApiEndpoint | None = None,
     ):
         super().__init__(new_device=new_device, max_outbound_bytes=max_outbound_bytes, telemetry=telemetry,
                          admission=admission)
@@ -93,6 +98,7 @@ class HttpTransport(Endpoint):
         self._request_log = request_log  # a ThrottledLog: malformed requests, one line per cause a minute
         self._routes = dict(routes or {})
         self._routes.setdefault("/healthz", ("application/json", lambda: b'{"status":"ok"}'))
+        self._api = api  # the server API under /api/ (PROTOCOL.md 8); None: those paths are 404
         self._server = StreamServer(
             listener(host, port, reuse_port=reuse_port), self._handle, spawn=Pool(max_connections)
         )
@@ -117,20 +123,26 @@ class HttpTransport(Endpoint):
 
     def _serve_requests(self, sock, remote: str) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
+        api_session = None  # made at the connection's first API request
         while True:
+            request = api_read = None
             try:
                 with gevent.Timeout(self._header_timeout, _HeaderTimeout):
                     request = _next_event(conn, sock)
                     if not isinstance(request, h11.Request):
                         return  # the client closed between requests
                     upgrade = self._check_upgrade(request)
-                    if upgrade is None:
+                    if upgrade is None and self._api is not None and is_api_path(_path(request.target)):
+                        api_session = api_session or self._api.session()
+                        api_read = self._api.read(conn, sock, request, api_session)  # the body too, in time
+                    elif upgrade is None:
                         self._skip_body(conn, sock)
             except _HeaderTimeout:
-                self._refuse(conn, sock, remote, 408, "request head not received in time")
+                self._refuse(conn, sock, remote, 408, "request not received in time", api_path=self._api_path(request))
                 return
             except h11.RemoteProtocolError as error:
-                self._refuse(conn, sock, remote, error.error_status_hint, f"malformed request: {error}")
+                self._refuse(conn, sock, remote, error.error_status_hint, f"malformed request: {error}",
+                             api_path=self._api_path(request))
                 return
             except _Refusal as refusal:
                 self._refuse(conn, sock, remote, refusal.status, refusal.message, refusal.headers)
@@ -138,7 +150,13 @@ class HttpTransport(Endpoint):
             if upgrade is not None:
                 self._serve_websocket(conn, sock, remote, upgrade)
                 return
-            self._answer_route(conn, sock, request)
+            if api_read is not None:
+                label, prepared, close = api_read
+                self._api.write(conn, sock, request, label, self._api.answer(prepared, api_session), close)
+                if close:
+                    return
+            else:
+                self._answer_route(conn, sock, request)
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return  # Connection: close, or HTTP/1.0
             conn.start_next_cycle()
@@ -186,16 +204,23 @@ class HttpTransport(Endpoint):
                 raise h11.RemoteProtocolError("connection closed in a request body", error_status_hint=400)
 
     def _refuse(self, conn: h11.Connection, sock, remote: str, status: int, message: str,
-                headers: tuple[tuple[str, str], ...] = ()) -> None:
-        """An HTTP error answer, then the connection closes; one throttled log line, never a traceback."""
+                headers: tuple[tuple[str, str], ...] = (), *, api_path: str | None = None) -> None:
+        """An HTTP error answer, then the connection closes; one throttled log line, never a traceback.
+
+        ``api_path``: the request was one of the server API's, whose errors are JSON (PROTOCOL.md 8).
+        """
         if self._request_log is not None:
             self._request_log.warning(f"http {status}: {message}", "%s: %s (%d)", remote, message, status)
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return  # an answer was already under way: only closing is left
-        body = (message + "\n").encode()
+        content_type, body = "text/plain", (message + "\n").encode()
+        if api_path is not None:
+            content_type = "application/json"
+            body = orjson.dumps({"error": {"code": INVALID_REQUEST, "message": message}})
+            self._api.count(api_path, status)
         response = h11.Response(
             status_code=status,
-            headers=[*headers, ("Content-Type", "text/plain"), ("Content-Length", str(len(body))),
+            headers=[*headers, ("Content-Type", content_type), ("Content-Length", str(len(body))),
                      ("Connection", "close")],
         )
         try:
@@ -205,6 +230,13 @@ class HttpTransport(Endpoint):
                          + b"Content-Type: text/plain\r\nConnection: close\r\n"
                          + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         half_close(sock)
+
+    def _api_path(self, request) -> str | None:
+        """The path of a server API request; None for anything else."""
+        if self._api is None or not isinstance(request, h11.Request):
+            return None
+        path = _path(request.target)
+        return path if is_api_path(path) else None
 
     # -- the WebSocket upgrade -------------------------------------------------------
 
