@@ -10,7 +10,7 @@ import pytest
 import redis
 
 import test_store
-from devastator.store import Accepted, RedisStore, StoreError, StoreUnavailableError, UnknownUserError
+from devastator.store import Accepted, RedisStore, Send, StoreError, StoreUnavailableError, UnknownUserError
 from redis_server import (  # noqa: F401 (fixtures)
     RedisServer,
     ReplyCutter,
@@ -27,7 +27,7 @@ CONTRACT = sorted(name for name in dir(test_store) if name.startswith("test_"))
 
 @pytest.fixture
 def store(new_redis_store):
-    store = new_redis_store()
+    store = new_redis_store(history_period_ms=test_store.PERIOD)
     store.open()
     yield store
     store.close()
@@ -55,7 +55,9 @@ def send(store, recipients, body=b'"hi"', **options):
 @pytest.mark.parametrize("contract", CONTRACT)
 def test_the_contract_holds_on_a_cluster(redis_cluster, contract):
     nodes = [f"127.0.0.1:{server.port}" for server in redis_cluster]
-    store = RedisStore(cluster_nodes=nodes, prefix=f"test-{uuid.uuid4().hex[:12]}:")
+    store = RedisStore(
+        cluster_nodes=nodes, prefix=f"test-{uuid.uuid4().hex[:12]}:", history_period_ms=test_store.PERIOD
+    )
     store.open()
     try:
         getattr(test_store, contract)(store)
@@ -228,7 +230,7 @@ def test_each_send_of_a_group_gets_its_own_outcome(store, raw, failing, cid):
     for user in users:
         registered(store, user, "phone")
     break_mailbox(raw, store, users[failing])
-    sends = [("alice", [user], b'"to %s"' % user.encode(), f"c-{user}" if cid else None, TTL) for user in users]
+    sends = [Send("alice", [user], b'"to %s"' % user.encode(), f"c-{user}" if cid else None, TTL) for user in users]
     with store.batch():
         results = store.append_many(sends, NOW)
     raw.delete(store._user_key(users[failing], "msgs"))
@@ -254,13 +256,14 @@ def test_sends_whose_answers_are_lost_name_their_recipients_and_the_rest_are_not
     cutter.arm()
     with cut.batch():
         results = cut.append_many(
-            [("alice", ["bob", "carol"], b'"1"', None, TTL), ("alice", ["carol"], b'"2"', "c-2", TTL),
-             ("alice", ["bob"], b'"3"', None, TTL)],
+            [Send("alice", ["bob", "carol"], b'"1"', None, TTL), Send("alice", ["carol"], b'"2"', "c-2", TTL),
+             Send("alice", ["bob"], b'"3"', None, TTL)],
             NOW,
         )
     cutter.armed = False
     assert all(type(result) is StoreUnavailableError for result in results)
-    assert [result.recheck for result in results] == [("bob", "carol"), (), ()]
+    # The sender too: a copy for its other devices may have landed.
+    assert [result.recheck for result in results] == [("bob", "carol", "alice"), (), ()]
     # Redis did run the first send, and was never sent the others.
     for user in ("bob", "carol"):
         assert [m.message_json for m in test_store.pending(store, user, "phone")] == [b'"1"']
@@ -277,7 +280,7 @@ def test_a_cid_whose_answer_was_lost_completes_once_and_asks_for_a_recheck(store
     with pytest.raises(StoreUnavailableError) as unanswered:
         send(cut, ["carol"], b'"once"', cid="c-1")
     cutter.armed = False
-    assert unanswered.value.recheck == ("carol",)
+    assert unanswered.value.recheck == ("carol", "alice")
     (landed,) = test_store.pending(store, "carol", "phone")
 
     retried = send(cut, ["carol"], b'"once"', cid="c-1", now=NOW + 10)
@@ -297,9 +300,9 @@ def test_a_paused_redis_fails_calls_within_the_timeout_and_serves_again_once_res
         server.pause()
         started = time.monotonic()
         with store.batch():
-            (unanswered,) = store.append_many([("alice", ["bob"], b'"paused"', None, TTL)], NOW)
+            (unanswered,) = store.append_many([Send("alice", ["bob"], b'"paused"', None, TTL)], NOW)
         assert time.monotonic() - started < 2.0
-        assert type(unanswered) is StoreUnavailableError and unanswered.recheck == ("bob",)
+        assert type(unanswered) is StoreUnavailableError and unanswered.recheck == ("bob", "alice")
         with pytest.raises(StoreUnavailableError):
             store.stats()
 
@@ -340,3 +343,176 @@ def test_a_killed_redis_keeps_every_answered_call(tmp_path):
         store.close()
     finally:
         server.stop()
+
+
+# -- receipts across two users' slots: each step safe to stop after ----------------------------
+
+
+def receipt_case(store):
+    """alice (phone, laptop) sent bob (phone) a message asking for receipts; bob's entry."""
+    for device in ("phone", "laptop"):
+        registered(store, "alice", device)
+    registered(store, "bob", "phone")
+    accepted = send(store, ["bob"], receipt=True, origin="phone")
+    (entry,) = test_store.pending(store, "bob", "phone")
+    return accepted, entry
+
+
+def receipts_of(store, user="alice", device="phone"):
+    return [m.id for m in test_store.pending(store, user, device) if m.kind == "receipt"]
+
+
+def fail_script_once(monkeypatch, store, name, *, mode=None, error=redis.ConnectionError("lost")):
+    """The store's next call of the user script ``name`` (with that mode, for "ack") fails, not run."""
+    real = store._user_script
+    failed = []
+
+    def user_script(script, user, *args):
+        if script == name and not failed and (mode is None or str(args[2]) == mode):
+            failed.append(script)
+            raise error
+        return real(script, user, *args)
+
+    monkeypatch.setattr(store, "_user_script", user_script)
+    return failed
+
+
+def test_an_ack_stopped_after_its_receipt_is_stored_completes_once_when_retried(store, monkeypatch):
+    accepted, entry = receipt_case(store)
+    failed = fail_script_once(monkeypatch, store, "ack", mode="0")  # the last step: noted, ACKed
+    with pytest.raises(StoreUnavailableError):
+        test_store.ack(store, "bob", "phone", [entry])
+    assert failed
+    rid = test_store.receipt_id(accepted.id, "delivered", "bob")
+    assert receipts_of(store) == [rid]  # stored first ...
+    assert [m.id for m in test_store.pending(store, "bob", "phone")] == [accepted.id]  # ... still pending
+    # The device ACKs again: only what is missing is done, the receipt is not stored twice.
+    assert test_store.ack(store, "bob", "phone", [entry]) == test_store.NO_RECEIPTS
+    assert test_store.pending(store, "bob", "phone") == []
+    assert receipts_of(store) == [rid] and receipts_of(store, device="laptop") == [rid]
+    assert test_store.ack(store, "bob", "phone", [entry]) == test_store.NO_RECEIPTS
+    assert store.stats() == {"users": 2, "devices": 3, "messages": 2, "pending": 3}  # the copy, the receipt
+
+
+def test_an_ack_whose_receipt_could_not_be_stored_leaves_the_delivery_pending(store, raw):
+    accepted, entry = receipt_case(store)
+    saved = raw.dump(store._user_key("alice", "msgs"))
+    break_mailbox(raw, store, "alice")  # the receipt's script fails on the sender's slot
+    with pytest.raises(StoreError):
+        test_store.ack(store, "bob", "phone", [entry])
+    raw.delete(store._user_key("alice", "msgs"))
+    raw.restore(store._user_key("alice", "msgs"), 0, saved)
+    # Nothing lost: the delivery waits, and the ACK retried makes the receipt.
+    assert [m.id for m in test_store.pending(store, "bob", "phone")] == [accepted.id]
+    (receipt,) = test_store.ack(store, "bob", "phone", [entry]).messages
+    assert receipt.id == test_store.receipt_id(accepted.id, "delivered", "bob")
+    assert receipts_of(store) == [receipt.id]
+    assert test_store.pending(store, "bob", "phone") == []
+
+
+def test_a_receipt_pipeline_whose_answer_was_lost_is_stored_once_on_retry(store, monkeypatch):
+    accepted, entry = receipt_case(store)
+    real = store._store_receipts
+
+    def lost(*args):
+        real(*args)  # Redis ran it; the answer never came
+        raise StoreUnavailableError("lost")
+
+    monkeypatch.setattr(store, "_store_receipts", lost)
+    with pytest.raises(StoreUnavailableError):
+        test_store.ack(store, "bob", "phone", [entry])
+    monkeypatch.setattr(store, "_store_receipts", real)
+    assert test_store.ack(store, "bob", "phone", [entry]) == test_store.NO_RECEIPTS
+    assert receipts_of(store) == [test_store.receipt_id(accepted.id, "delivered", "bob")]
+    assert test_store.pending(store, "bob", "phone") == []
+
+
+def test_a_read_stopped_after_its_receipts_are_stored_stores_them_once_when_retried(store, monkeypatch):
+    accepted, entry = receipt_case(store)
+    fail_script_once(monkeypatch, store, "read_done")
+    with pytest.raises(StoreUnavailableError):
+        test_store.read(store, "bob", [accepted.id])
+    expected = [test_store.receipt_id(accepted.id, kind, "bob") for kind in ("delivered", "read")]
+    assert receipts_of(store) == expected
+    assert test_store.read(store, "bob", [accepted.id]) == test_store.NO_RECEIPTS
+    assert test_store.read(store, "bob", [accepted.id]) == test_store.NO_RECEIPTS  # the record is gone now
+    assert test_store.ack(store, "bob", "phone", [entry]) == test_store.NO_RECEIPTS
+    assert receipts_of(store) == expected
+    assert raw_wanted(store) == 0
+
+
+def raw_wanted(store):
+    return store._redis.hlen(store._user_key("bob", "wanted"))
+
+
+def test_an_ack_without_receipts_is_one_script(store, monkeypatch):
+    registered(store, "bob", "phone")
+    (entry,) = send(store, ["bob"]).messages
+    calls = []
+    real = store._user_script
+    monkeypatch.setattr(store, "_user_script", lambda name, user, *args: calls.append(name) or real(name, user, *args))
+    assert test_store.ack(store, "bob", "phone", [entry]) == test_store.NO_RECEIPTS
+    assert calls == ["ack"]
+
+
+# -- history keys and their index ----------------------------------------------------------
+
+
+def test_history_lives_under_each_user_s_tag_and_is_indexed_by_conversation(store, raw):
+    for user in ("alice", "bob"):
+        registered(store, user, "phone")
+    send(store, ["bob"], receipt=True, now=NOW)
+    send(store, ["alice"], sender="bob", now=NOW + 5)
+    keys = {key.decode() for key in raw.scan_iter(match=store.prefix + "*")}
+    # Each message once, on its recipient's side: bob's history of what alice sent him, and hers of bob.
+    assert {store._history_key("bob", "alice"), store._history_key("alice", "bob")} <= keys
+    assert store._history_key("bob", "alice").startswith(store.prefix + "{u:bob}:")
+    assert raw.zcard(store._history_key("bob", "alice")) == raw.zcard(store._history_key("alice", "bob")) == 1
+    assert {store._user_key("bob", "wanted"), store._user_key("bob", "wanted_expiry")} <= keys
+    index = dict(raw.zrange(store._histories_key, 0, -1, withscores=True))
+    assert index == {b'["bob","alice"]': NOW + test_store.PERIOD, b'["alice","bob"]': NOW + 5 + test_store.PERIOD}
+
+
+def test_a_history_purge_trims_only_what_is_due_and_empties_the_index(store, raw):
+    for user in ("alice", "bob"):
+        registered(store, user, "phone")
+    test_store.with_period(store, 10_000)
+    send(store, ["bob"], now=NOW)
+    young = send(store, ["bob"], now=NOW + 6000)
+    store.purge_expired(NOW + 5000)  # nothing due yet
+    assert raw.zcard(store._history_key("bob", "alice")) == 2
+    store.purge_expired(NOW + 12_000)
+    assert raw.zcard(store._history_key("bob", "alice")) == 1
+    assert raw.zscore(store._histories_key, '["bob","alice"]') == NOW + 6000 + 10_000
+    assert [m.id for m in test_store.history(store, "bob", "alice", now=NOW).messages] == [young.id]
+    store.purge_expired(NOW + 17_000)
+    assert raw.zcard(store._histories_key) == 0
+    assert not raw.exists(store._history_key("alice", "bob"), store._history_key("bob", "alice"))
+
+
+def test_a_message_written_during_a_history_purge_stays_indexed(store, raw):
+    for user in ("alice", "bob"):
+        registered(store, user, "phone")
+    test_store.with_period(store, 10_000)
+    send(store, ["bob"], now=NOW)
+    member = '["bob","alice"]'
+    key = store._history_key("bob", "alice")
+    # The purge's trim has run (nothing left) ...
+    assert store._scripts["trim_history"](keys=[key], args=[f"{NOW + 20_000 - 10_000:012x}"]) == -1
+    # ... a send comes before the purge updates the index: its ZADD LT changed nothing ...
+    later = send(store, ["bob"], now=NOW + 20_000)
+    assert raw.zscore(store._histories_key, member) == NOW + 10_000
+    # ... and the update, which had found nothing left, must not drop the conversation.
+    store._reindex_histories({member: -1}, 10_000)
+    assert raw.zscore(store._histories_key, member) == NOW + 30_000
+    assert [m.id for m in test_store.history(store, "bob", "alice", now=NOW + 20_000).messages] == [later.id]
+
+
+def test_records_from_before_kinds_of_entries_are_read_as_messages(store, raw):
+    registered(store, "bob", "phone")
+    (entry,) = send(store, ["bob"], b'"old"').messages
+    # The record a message has always had: no tag, its first byte that of its ts.
+    record = raw.hget(store._user_key("bob", "msgs"), f"{entry.seq:016d}")
+    assert record[:1] == b"\x00"
+    (loaded,) = test_store.pending(store, "bob", "phone")
+    assert (loaded.kind, loaded.message_json, loaded.to_json) == ("msg", b'"old"', b"")
