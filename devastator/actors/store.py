@@ -23,6 +23,7 @@ a bug is logged with its traceback, once per cause a minute.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 import time
 from collections import defaultdict
 
@@ -264,6 +265,9 @@ class StoreActor(pykka.ThreadingActor):
             return self._apply(request, now_ms)
         except Exception as error:  # its own outcome; a bug is logged with its traceback
             self._failure(error)
+            if isinstance(request, (Ack, MarkRead)) and isinstance(error, StoreError) and error.messages:
+                # Receipts it stored before failing: told all the same (retrying stores them once).
+                return _ReceiptsDespiteFailure(Receipts(error.messages, error.push_targets))
             return _failed(request)
 
     def _append_all(self, sends: list[Append], now_ms: int) -> list:
@@ -389,16 +393,18 @@ class StoreActor(pykka.ThreadingActor):
                     wake.extend(push_targets)
                     users.update(dict.fromkeys(recheck))
             elif isinstance(request, (Ack, MarkRead)):
-                # Receipts stored: told to the router like a send's entries, the sender's devices woken.
-                if isinstance(outcome, Receipts) and outcome.messages and request.notify is not None:
-                    for receipt in outcome.messages:
+                # Receipts stored (also by a call that failed after): told to the router like a
+                # send's entries, the sender's devices woken.
+                failed = not isinstance(outcome, Receipts)
+                receipts = outcome.receipts if isinstance(outcome, _ReceiptsDespiteFailure) else outcome
+                if isinstance(receipts, Receipts) and receipts.messages and request.notify is not None:
+                    for receipt in receipts.messages:
                         self._telemetry.receipts_stored[_receipt_type(receipt)] += 1
                     stored, wake, _ = committed.setdefault(request.notify, ([], [], {}))
-                    stored.extend(outcome.messages)
-                    wake.extend(_wake(outcome.messages, outcome.push_targets))
+                    stored.extend(receipts.messages)
+                    wake.extend(_wake(receipts.messages, receipts.push_targets))
                 if isinstance(request, MarkRead):
-                    error = None if isinstance(outcome, Receipts) else InternalError(
-                        "the message store failed; retry later")
+                    error = InternalError("the message store failed; retry later") if failed else None
                     tell_if_alive(request.reply_to, ReadMarked(request.request_key, error))
             elif isinstance(request, (LoadPending, AttachDevice, Register, PollRemovals, SetPushToken,
                                       FindPushDevice, ExpireUser, LoadHistory, LoadUser, RemoveDevice)):
@@ -407,6 +413,13 @@ class StoreActor(pykka.ThreadingActor):
             tell_if_alive(ref, Committed(tuple(stored), tuple(wake), recheck=tuple(users)))
         for ref, batch in results.items():
             tell_if_alive(ref, SendResults(tuple(batch)))
+
+
+@dataclass(frozen=True, slots=True)
+class _ReceiptsDespiteFailure:
+    """An ACK or msg.read the store failed after it had stored these receipts."""
+
+    receipts: Receipts
 
 
 def _receipt_type(receipt: StoredMessage) -> str:

@@ -30,7 +30,8 @@ from devastator.actors.messages import (
     SendResults,
 )
 from devastator.protocol.errors import FORBIDDEN, INTERNAL_ERROR, UNKNOWN_RECIPIENT
-from devastator.store import RedisStore, SqliteStore, StoreUnavailableError
+from devastator.actors.messages import MarkRead, ReadMarked
+from devastator.store import RECEIPT, RedisStore, SqliteStore, StoreError, StoreUnavailableError, receipt_id
 from redis_server import (  # noqa: F401 (fixtures)
     RedisServer,
     ReplyCutter,
@@ -495,3 +496,32 @@ def test_on_redis_an_outage_is_logged_when_it_starts_and_when_it_ends(tmp_path, 
     assert started[0] == "ERROR" and "the message store is failing: Redis did not answer" in started[1]
     assert ended[0] == "WARNING" and "answering again" in ended[1] and "commits 5, requests 5" in ended[1]
     assert started[2] is None and ended[2] is None  # no traceback
+
+
+class _AckFailsAfterReceipts(SqliteStore):
+    """A store that is not all or nothing (as Redis): its ACK stores receipts, then fails."""
+
+    all_or_nothing = False
+
+    def ack(self, user, device, seqs, now_ms):
+        receipts = super().ack(user, device, seqs, now_ms)
+        raise StoreError("the shard went away", messages=receipts.messages, push_targets=receipts.push_targets)
+
+    def mark_read(self, user, message_ids, now_ms):
+        receipts = super().mark_read(user, message_ids, now_ms)
+        raise StoreError("the shard went away", messages=receipts.messages, push_targets=receipts.push_targets)
+
+
+def test_receipts_stored_by_an_ack_or_a_read_that_then_failed_are_told_all_the_same(start_store, sender, router):
+    store = start_store(_AckFailsAfterReceipts)
+    store.tell(Append("bob", ("alice",), b'"ticks"', None, TTL, 1, sender.ref, router.ref, receipt=True))
+    (stored,) = router.next(Committed).messages
+    sender.next(SendResults)
+    store.tell(Ack("alice", "phone", (stored.seq,), router.ref))
+    (delivered,) = router.next(Committed).messages
+    assert (delivered.kind, delivered.recipient, delivered.sender) == (RECEIPT, "bob", "alice")
+    store.tell(MarkRead("alice", (stored.id,), 7, sender.ref, router.ref))
+    (read,) = router.next(Committed).messages
+    assert read.id == receipt_id(stored.id, "read", "alice")
+    answer = sender.next(ReadMarked)
+    assert answer.request_key == 7 and answer.error.code == INTERNAL_ERROR
