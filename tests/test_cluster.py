@@ -67,7 +67,9 @@ class Node:
         while True:
             assert self.process.poll() is None, f"node {self.name} exited while starting"
             try:
-                socket.create_connection(("127.0.0.1", self.tls_port), timeout=1).close()
+                # Both: the HTTP port is bound just after the TLS one, which a loaded machine shows.
+                for port in (self.tls_port, self.http_port):
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 return
             except OSError:
                 assert time.monotonic() < deadline, f"node {self.name} did not start listening"
