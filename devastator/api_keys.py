@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .pki import PRIVATE_FILE_MODE, ensure_private_dir, write_file_atomically
+from .secrets import file_stamp
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class ApiKeyFile:
         return None
 
     def _keys(self) -> dict[str, ApiKey]:
-        stamp = _file_stamp(self._path)
+        stamp = file_stamp(self._path)
         if stamp != self._stamp:
             try:
                 keys = load_api_keys(self._data_dir)
@@ -160,15 +161,6 @@ class ApiKeyFile:
             self._by_id = {entry.id: entry for entry in keys}
             self._stamp = stamp
         return self._by_id
-
-
-def _file_stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        status = os.stat(path)
-    except FileNotFoundError:
-        return None
-    # The inode changes with every atomic replace, even within one mtime tick.
-    return status.st_ino, status.st_mtime_ns, status.st_size
 
 
 def _save(data_dir: Path, keys: list[ApiKey]) -> None:

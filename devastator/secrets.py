@@ -87,7 +87,7 @@ class JwtKeyFile:
         self._stamp: tuple[int, int, int] | None = None
 
     def keys(self) -> JwtKeys:
-        stamp = _file_stamp(self._path)
+        stamp = file_stamp(self._path)
         if self._keys is None or stamp != self._stamp:
             try:
                 self._keys = ensure_jwt_keys(self._data_dir)
@@ -95,11 +95,12 @@ class JwtKeyFile:
                 if self._keys is None:
                     raise
                 log.error("cannot reload JWT keys, still using the ones loaded before: %s", error)
-            self._stamp = _file_stamp(self._path)
+            self._stamp = file_stamp(self._path)
         return self._keys
 
 
-def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What tells a re-read file changed (None: there is none); the API keys use it too."""
     try:
         status = os.stat(path)
     except FileNotFoundError:
