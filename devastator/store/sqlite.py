@@ -171,6 +171,12 @@ class SqliteStore:
         # Rows added (or removed, < 0) by the open transaction, per COUNTED table:
         # written to ``counts`` in the same transaction, just before it commits.
         self._deltas = dict.fromkeys(COUNTED, 0)
+        # Within one transaction (BEGIN IMMEDIATE: no other process writes meanwhile), each
+        # user's devices are read once: user -> [(device, push platform, push token)]. Calls
+        # that change devices forget the user's entry; every transaction's end forgets all.
+        self._devices_now: dict[str, list[tuple[str, str | None, str | None]]] = {}
+        # History rows of the open transaction, written with one executemany before it commits.
+        self._history_rows: list[tuple] = []
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -225,6 +231,11 @@ class SqliteStore:
     def batch(self) -> _Transaction:
         return self._transaction
 
+    def _forget_transaction(self) -> None:
+        self._deltas = dict.fromkeys(COUNTED, 0)
+        self._devices_now.clear()
+        self._history_rows = []
+
     def _count(self, table: str, rows: int) -> None:
         """``rows`` rows added to (or removed from) ``table`` in the open transaction."""
         self._deltas[table] += rows
@@ -271,12 +282,8 @@ class SqliteStore:
                 seq = self._store_entry(message_id, sender, recipient, message_json, now_ms, expires, push_targets)
                 stored.append(StoredMessage(seq, message_id, sender, recipient, message_json, now_ms, expires))
                 if self.history_period_ms:
-                    a, b = sorted((sender, recipient))
-                    db.execute(
-                        "INSERT INTO history (a, b, id, sender, recipient, body, ts, expires)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (a, b, message_id, sender, recipient, message_json, now_ms, expires),
-                    )
+                    a, b = (sender, recipient) if sender <= recipient else (recipient, sender)
+                    self._history_rows.append((a, b, message_id, sender, recipient, message_json, now_ms, expires))
                 if receipt and recipient != sender:
                     db.execute(
                         "INSERT OR IGNORE INTO wanted_receipts (recipient, id, sender, ttl_ms, expires)"
@@ -311,10 +318,7 @@ class SqliteStore:
         if push_targets is not None:
             push_targets.extend(
                 PushTarget(owner, device, platform, token)
-                for device, platform, token in db.execute(
-                    "SELECT device, push_platform, push_token FROM devices WHERE user = ? AND push_token IS NOT NULL",
-                    (owner,),
-                )
+                for device, platform, token in self._devices_of(owner) if token is not None
             )
         seq = db.execute(
             "INSERT INTO messages (id, sender, recipient, body, ts, expires, kind) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -334,10 +338,7 @@ class SqliteStore:
     ) -> StoredMessage | None:
         """The sender's COPY, for its devices but ``origin_device``; None when it has no such device."""
         db = self._conn
-        devices = [
-            device for (device,) in db.execute("SELECT device FROM devices WHERE user = ?", (sender,))
-            if device != origin_device
-        ]
+        devices = [device for device, _, _ in self._devices_of(sender) if device != origin_device]
         if not devices:
             return None
         seq = db.execute(
@@ -542,6 +543,7 @@ class SqliteStore:
         return created
 
     def add_device(self, user: str, device: str, now_ms: int) -> str:
+        self._devices_now.clear()  # its devices or tokens change
         db = self._conn
         with self.batch():
             if not self._user_exists(user):
@@ -561,6 +563,7 @@ class SqliteStore:
         return registration
 
     def remove_device(self, user: str, device: str, now_ms: int) -> bool:
+        self._devices_now.clear()  # its devices or tokens change
         db = self._conn
         with self.batch():
             if db.execute("DELETE FROM devices WHERE user = ? AND device = ?", (user, device)).rowcount == 0:
@@ -583,6 +586,7 @@ class SqliteStore:
         return True
 
     def set_push_token(self, user: str, device: str, platform: str, token: str) -> bool:
+        self._devices_now.clear()  # its devices or tokens change
         db = self._conn
         with self.batch():
             db.execute(
@@ -596,6 +600,7 @@ class SqliteStore:
             ).rowcount == 1
 
     def remove_push_token(self, user: str, device: str, platform: str, token: str) -> bool:
+        self._devices_now.clear()  # its devices or tokens change
         with self.batch():
             return self._conn.execute(
                 "UPDATE devices SET push_platform = NULL, push_token = NULL"
@@ -660,6 +665,15 @@ class SqliteStore:
             )
         ]
 
+    def _devices_of(self, user: str) -> list[tuple[str, str | None, str | None]]:
+        """(device, push platform, push token) of each of the user's devices, read once a transaction."""
+        devices = self._devices_now.get(user)
+        if devices is None:
+            devices = self._devices_now[user] = self._conn.execute(
+                "SELECT device, push_platform, push_token FROM devices WHERE user = ?", (user,)
+            ).fetchall()
+        return devices
+
     def _user_exists(self, user: str) -> bool:
         if user in self._known_users:
             return True
@@ -716,6 +730,12 @@ class _Transaction:
         db = store._conn
         if exc_type is None:
             try:
+                if store._history_rows:
+                    db.executemany(
+                        "INSERT INTO history (a, b, id, sender, recipient, body, ts, expires)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        store._history_rows,
+                    )
                 changed = [(rows, table) for table, rows in store._deltas.items() if rows]
                 if changed:
                     db.executemany("UPDATE counts SET n = n + ? WHERE name = ?", changed)
@@ -723,7 +743,7 @@ class _Transaction:
             except sqlite3.Error as error:
                 self._roll_back()
                 raise StoreError(f"SQLite could not commit: {error}") from error
-            store._deltas = dict.fromkeys(COUNTED, 0)
+            store._forget_transaction()
             return
         self._roll_back()
         if isinstance(exc, sqlite3.Error):
@@ -734,5 +754,5 @@ class _Transaction:
         # After some errors (a full disk, I/O) SQLite has rolled back already.
         with contextlib.suppress(sqlite3.OperationalError):
             store._conn.execute("ROLLBACK")
-        store._deltas = dict.fromkeys(COUNTED, 0)
+        store._forget_transaction()
         store._known_users.clear()  # a user added in the transaction may have been remembered
