@@ -41,7 +41,24 @@ import gevent.event  # noqa: E402
 from gevent.pool import Group  # noqa: E402
 import orjson  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+
+
+def _server_root(argv: list[str]) -> Path:
+    """The checkout whose server (``bin/devastator``) and ``devastator`` package the bench uses.
+
+    This file's own checkout, unless ``--server-root DIR`` names another one
+    (bench/compare.py: the same load generator against an older commit's
+    server). Read before argparse runs: the package is imported below.
+    """
+    for i, arg in enumerate(argv):
+        if arg == "--server-root" and i + 1 < len(argv):
+            return Path(argv[i + 1]).resolve()
+        if arg.startswith("--server-root="):
+            return Path(arg.split("=", 1)[1]).resolve()
+    return Path(__file__).resolve().parent.parent
+
+
+ROOT = _server_root(sys.argv[1:])
 sys.path.insert(0, str(ROOT))  # run from a checkout even when the package is not installed
 
 from devastator.protocol import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, RpcError  # noqa: E402
@@ -399,11 +416,22 @@ class Connection:
 class SenderConnection(Connection):
     """Keeps ``window`` msg.send requests in flight; a new one as each is answered."""
 
-    def __init__(self, *args, recipient: str, window: int, quota: int | None):
+    def __init__(self, *args, recipient: str, window: int, quota: int | None, receipt: bool = False):
         super().__init__(*args)
         self.recipient = recipient
         self.window = window
         self.quota = quota  # None: until the run stops
+        # --receipt: each send asks for receipts; the recipient's ACK makes a delivered receipt,
+        # which comes back here as a msg.receipt request, checked and ACKed.
+        self.receipt = receipt
+        self.message_ids: dict[str, int] = {}  # message id (from the send's answer) -> n
+        self.sent_at = array.array("d")  # by n (receipt mode): when it was sent
+        self.receipts_seen: set[str] = set()  # message ids a delivered receipt came for
+        self.receipts_measured = 0
+        self.receipt_latencies = array.array("d")  # send -> its delivered receipt, in the window
+        self.receipt_duplicates = 0
+        self.receipt_misaddressed = 0
+        self._receipt_id_suffix = ".d." + recipient
         self.start = gevent.event.Event()
         self.drained = gevent.event.Event()  # nothing in flight and nothing more to send
         self.next_n = 0
@@ -414,6 +442,7 @@ class SenderConnection(Connection):
         self._prefix = (
             b'{"jsonrpc":"2.0","method":"msg.send","params":{"to":'
             + _dumps(recipient)
+            + (b',"receipt":true' if receipt else b"")
             + b',"message":{"n":'
         )
 
@@ -447,10 +476,13 @@ class SenderConnection(Connection):
             append(body)
         self.next_n = n + count
         self.in_flight += count
+        if self.receipt:
+            self.sent_at.extend([float(sent_at)] * count)
         return b"".join(parts)
 
     def on_frames(self, frames):
         answered = ok = 0
+        acks = None
         for frame in frames:
             obj = _loads(frame)
             items = obj if type(obj) is list else (obj,)
@@ -462,6 +494,11 @@ class SenderConnection(Connection):
                 elif "error" in item:
                     answered += 1 if item.get("id") is not None else 0
                     self.on_error(item)
+                elif self.receipt and item.get("method") == "msg.receipt":
+                    self.on_receipt(item)
+                    if acks is None:
+                        acks = []
+                    acks.append(b'{"jsonrpc":"2.0","result":"ACK","id":' + _dumps(item["id"]) + b"}")
                 else:
                     self.run_state.error(f"{self.user} unexpected", item)
         self.ok += ok
@@ -471,10 +508,43 @@ class SenderConnection(Connection):
         out = self._sends(answered)
         if not out and self.in_flight <= 0:
             self.drained.set()
+        if acks:
+            out = encode_acks(acks) + out
         return out
 
     def on_accepted(self, item) -> None:
-        pass
+        if self.receipt:
+            self.message_ids[item["result"]["id"]] = item["id"]
+
+    def on_receipt(self, item) -> None:
+        """A delivered receipt: for a message of ours, by our recipient, once; its latency from the send."""
+        params = item["params"]
+        message_id = params.get("message")
+        if (
+            params.get("type") != "delivered" or params.get("by") != self.recipient
+            or type(message_id) is not str or item["id"] != message_id + self._receipt_id_suffix
+            or params.get("id") != item["id"]
+        ):
+            self.receipt_misaddressed += 1
+            self.run_state.error(f"{self.user} msg.receipt", item)
+            return
+        if message_id in self.receipts_seen:
+            self.receipt_duplicates += 1
+            return
+        self.receipts_seen.add(message_id)
+        if self.run_state.measuring:
+            self.receipts_measured += 1
+            n = self.message_ids.get(message_id)  # None: the receipt came before the send's answer
+            if n is not None:
+                self.receipt_latencies.append(_now() - self.sent_at[n])
+
+    def receipts_missing(self) -> int:
+        """Messages answered as stored whose delivered receipt never came."""
+        return sum(1 for message_id in self.message_ids if message_id not in self.receipts_seen)
+
+    def receipts_unknown(self) -> int:
+        """Receipts for a message id no send of ours was answered with."""
+        return sum(1 for message_id in self.receipts_seen if message_id not in self.message_ids)
 
     def on_error(self, item) -> None:
         self.errors += 1
@@ -482,6 +552,19 @@ class SenderConnection(Connection):
 
     def on_closed(self) -> None:
         self.drained.set()
+
+
+def encode_acks(acks: list[bytes]) -> bytes:
+    """ACK responses as frames: one alone, else JSON-RPC batches of at most ACK_BATCH."""
+    if len(acks) == 1:
+        body = acks[0]
+        return _pack_header(len(body)) + body
+    parts = []
+    for start in range(0, len(acks), ACK_BATCH):
+        body = b"[" + b",".join(acks[start:start + ACK_BATCH]) + b"]"
+        parts.append(_pack_header(len(body)))
+        parts.append(body)
+    return b"".join(parts)
 
 
 def make_room(seen: bytearray, n: int) -> None:
@@ -553,15 +636,7 @@ class RecipientConnection(Connection):
                 ack(b'{"jsonrpc":"2.0","result":"ACK","id":' + _dumps(item["id"]) + b"}")
         if not acks:
             return None
-        if len(acks) == 1:
-            body = acks[0]
-            return _pack_header(len(body)) + body
-        parts = []
-        for start in range(0, len(acks), ACK_BATCH):
-            body = b"[" + b",".join(acks[start:start + ACK_BATCH]) + b"]"
-            parts.append(_pack_header(len(body)))
-            parts.append(body)
-        return b"".join(parts)
+        return encode_acks(acks)
 
     def after_write(self) -> None:
         if self.expect is not None and not self.done.is_set() and self.distinct >= self.expect:
@@ -768,7 +843,8 @@ class Bench:
                 self.run, recipient, tokens[recipient], self.ssl_context, self.address, sender=sender)))
             self.senders.append(self._open(SenderConnection(
                 self.run, sender, tokens[sender], self.ssl_context, self.address,
-                recipient=recipient, window=args.window, quota=None if quotas is None else quotas[i])))
+                recipient=recipient, window=args.window, quota=None if quotas is None else quotas[i],
+                receipt=getattr(args, "receipt", False))))
         wait_all([c.connected for c in self.senders + self.recipients], 60, "TLS connections")
 
     def authenticate(self, connections) -> None:
@@ -788,6 +864,14 @@ class Bench:
         for recipient in self.recipients:
             recipient.done.wait(max(0.0, deadline - time.monotonic()))
 
+    def wait_receipts(self, timeout: float) -> None:
+        """--receipt: until every sender has a delivered receipt for each message answered as stored."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(
+            len(s.receipts_seen) < s.ok and not s.closing and s.sock is not None for s in self.senders
+        ):
+            gevent.sleep(0.05)
+
     def run_online(self) -> dict:
         args = self.args
         self.setup(quotas=None)
@@ -805,13 +889,17 @@ class Bench:
         delivered = sum(r.measured for r in self.recipients)
         sent = sum(s.ok_measured for s in self.senders)
         rss = process_rss_mb(self.server_pid)
+        receipts = sum(s.receipts_measured for s in self.senders)
         self.finish_sending()
         self.wait_delivered(args.grace)
+        if args.receipt:
+            self.wait_receipts(args.grace)
         latencies = sorted(x for r in self.recipients for x in r.latencies)
         result = {
             "mode": "online",
             "pairs": args.pairs,
             "window": args.window,
+            "receipt": args.receipt,
             "duration": round(meter.wall, 3),
             "delivered": delivered,
             "delivered_per_s": round(delivered / meter.wall, 1),
@@ -820,6 +908,19 @@ class Bench:
             "p99_ms": _round(percentile_ms(latencies, 0.99), 3),
             "max_ms": _round(latencies[-1] * 1000 if latencies else None, 3),
         }
+        if args.receipt:
+            receipt_latencies = sorted(x for s in self.senders for x in s.receipt_latencies)
+            result.update({
+                "receipts": receipts,
+                "receipts_per_s": round(receipts / meter.wall, 1),
+                "receipt_p50_ms": _round(percentile_ms(receipt_latencies, 0.50), 3),
+                "receipt_p99_ms": _round(percentile_ms(receipt_latencies, 0.99), 3),
+                "receipts_seen": sum(len(s.receipts_seen) for s in self.senders),
+                "receipts_missing": sum(s.receipts_missing() for s in self.senders),
+                "receipts_unknown": sum(s.receipts_unknown() for s in self.senders),
+                "receipt_duplicates": sum(s.receipt_duplicates for s in self.senders),
+                "receipts_misaddressed": sum(s.receipt_misaddressed for s in self.senders),
+            })
         result.update(self._cpu_fields(meter, delivered, rss))
         result.update(self._checks())
         return result
@@ -1093,7 +1194,8 @@ def summary(result: dict, run: Run) -> str:
         ]
         lines += [f"  connection      {problem}" for problem in run.connection_errors[:ERRORS_KEPT]]
         return "\n".join(lines)
-    lines = [f"devastator bench: mode={result['mode']} pairs={result['pairs']} window={result['window']}"]
+    lines = [f"devastator bench: mode={result['mode']} pairs={result['pairs']} window={result['window']}"
+             + (" receipt" if result.get("receipt") else "")]
     if result["mode"] == "online":
         lines += [
             f"  measured        {fmt(result['duration'], ' s', 2)}",
@@ -1102,6 +1204,15 @@ def summary(result: dict, run: Run) -> str:
             f"  latency         p50 {fmt(result['p50_ms'], ' ms', 2)}, p99 {fmt(result['p99_ms'], ' ms', 2)},"
             f" max {fmt(result['max_ms'], ' ms', 2)}",
         ]
+        if result.get("receipt"):
+            lines += [
+                f"  receipts        {fmt(result['receipts'])} delivered receipts, {fmt(result['receipts_per_s'], '/s')};"
+                f" send -> receipt p50 {fmt(result['receipt_p50_ms'], ' ms', 2)},"
+                f" p99 {fmt(result['receipt_p99_ms'], ' ms', 2)}",
+                f"                  checked: {fmt(result['receipts_seen'])} in all, missing {result['receipts_missing']},"
+                f" for unknown messages {result['receipts_unknown']}, misaddressed {result['receipts_misaddressed']},"
+                f" duplicates {result['receipt_duplicates']}",
+            ]
     else:
         lines += [
             f"  fill            {fmt(result['stored'])} stored in {fmt(result['fill_s'], ' s', 2)}:"
@@ -1171,7 +1282,8 @@ def failed(result: dict) -> bool:
     # have reached its online recipient.
     return bool(
         result["rpc_errors"] or result.get("lost") or result.get("out_of_order") or result.get("misaddressed")
-        or result["connection_errors"]
+        or result["connection_errors"] or result.get("receipts_missing") or result.get("receipts_unknown")
+        or result.get("receipts_misaddressed")
     )
 
 
@@ -1196,12 +1308,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="overload: users flooding, each with --window sends in flight (40)")
     parser.add_argument("--rate", type=float, default=20.0,
                         help="overload: msg.send per second of each bystander, one at a time (20)")
+    parser.add_argument("--receipt", action="store_true",
+                        help="online: every send asks for receipts; senders check and ACK the delivered receipts")
     parser.add_argument("--json", action="store_true", help="also print one JSON line of results")
     parser.add_argument("--host", default="127.0.0.1", help="address of the server (127.0.0.1)")
     parser.add_argument("--keep-data", action="store_true", help="keep the temporary data dir and server log")
     parser.add_argument("--store", choices=("sqlite", "redis"), default="sqlite", help="the server's store (sqlite)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="with --store redis")
     parser.add_argument("--workers", type=int, default=1, help="server processes (1; more need --store redis)")
+    parser.add_argument("--server-root", type=Path, default=ROOT,
+                        help="the checkout whose bin/devastator and devastator package to use (this one)")
     existing = parser.add_argument_group("an already running server (instead of starting one)")
     existing.add_argument("--server-data-dir", type=Path, help="its data dir (ca.pem, jwt-keys.json, db)")
     existing.add_argument("--tls-port", type=int, help="its TLS port")
@@ -1217,6 +1333,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--workers above 1 needs --store redis")
     if (args.server_data_dir is None) != (args.tls_port is None):
         parser.error("--server-data-dir and --tls-port go together")
+    if args.receipt and args.mode != "online":
+        parser.error("--receipt goes with --mode online")
+    if args.server_root.resolve() != ROOT:
+        parser.error("--server-root must be given on the command line (it is read before the package is imported)")
     return args
 
 
