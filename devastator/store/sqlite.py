@@ -175,6 +175,10 @@ class SqliteStore:
         # user's devices are read once: user -> [(device, push platform, push token)]. Calls
         # that change devices forget the user's entry; every transaction's end forgets all.
         self._devices_now: dict[str, list[tuple[str, str | None, str | None]]] = {}
+        # Users who may have wanted_receipts rows (a superset: rebuilt at open and at each purge;
+        # only this process makes such rows, as a SQLite store has one server process), so an
+        # ACK of a user with none costs no query.
+        self._receipt_recipients: set[str] = set()
         # History rows of the open transaction, written with one executemany before it commits.
         self._history_rows: list[tuple] = []
 
@@ -202,6 +206,7 @@ class SqliteStore:
         db.executescript(LATER_INDEXES)
         _count_once(db)
         self._db = db
+        self._load_receipt_recipients()
         self._checkpointer = self._connect()
 
     def _connect(self) -> sqlite3.Connection:
@@ -285,6 +290,7 @@ class SqliteStore:
                     a, b = (sender, recipient) if sender <= recipient else (recipient, sender)
                     self._history_rows.append((a, b, message_id, sender, recipient, message_json, now_ms, expires))
                 if receipt and recipient != sender:
+                    self._receipt_recipients.add(recipient)  # not forgotten at a rollback: a superset
                     db.execute(
                         "INSERT OR IGNORE INTO wanted_receipts (recipient, id, sender, ttl_ms, expires)"
                         " VALUES (?, ?, ?, ?, ?)",
@@ -427,9 +433,8 @@ class SqliteStore:
     def _delivered_receipts(self, user: str, seqs: Sequence[int], now_ms: int) -> Receipts:
         """The delivered receipts the ACK of these entries of ``user``'s makes (none made yet)."""
         db = self._conn
-        if not seqs or db.execute("SELECT 1 FROM wanted_receipts WHERE recipient = ? LIMIT 1",
-                                  (user,)).fetchone() is None:
-            return NO_RECEIPTS  # the usual case: one indexed look, whatever the number of ACKs
+        if not seqs or user not in self._receipt_recipients:
+            return NO_RECEIPTS  # the usual case: no query at all
         wanted = []
         for start in range(0, len(seqs), IDS_AT_ONCE):
             chunk = list(seqs[start:start + IDS_AT_ONCE])
@@ -444,6 +449,8 @@ class SqliteStore:
 
     def mark_read(self, user: str, message_ids: Sequence[str], now_ms: int) -> Receipts:
         db = self._conn
+        if user not in self._receipt_recipients:
+            return NO_RECEIPTS
         with self.batch():
             wanted = []
             for message_id in dict.fromkeys(message_ids):  # an id twice is read once
@@ -509,6 +516,7 @@ class SqliteStore:
             self._count("messages", -purged)
             db.execute("DELETE FROM sends WHERE expires <= ?", (now_ms,))
             db.execute("DELETE FROM wanted_receipts WHERE expires <= ?", (now_ms,))
+            self._load_receipt_recipients()
             self._purge_history(now_ms - self.history_period_ms if self.history_period_ms else None)
             # Keep the newest removal row: its id is the cursor pollers resume from.
             db.execute(
@@ -664,6 +672,11 @@ class SqliteStore:
                 (user,),
             )
         ]
+
+    def _load_receipt_recipients(self) -> None:
+        self._receipt_recipients = {
+            user for (user,) in self._conn.execute("SELECT DISTINCT recipient FROM wanted_receipts")
+        }
 
     def _devices_of(self, user: str) -> list[tuple[str, str | None, str | None]]:
         """(device, push platform, push token) of each of the user's devices, read once a transaction."""
