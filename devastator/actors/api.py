@@ -16,6 +16,7 @@ the next request. A stop (server shutdown) answers them 503.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -244,10 +245,9 @@ class ApiActor(pykka.ThreadingActor):
         online: set[str] = set()
         live = self._user_actor(user)
         if live is not None:
-            try:
+            # It stopped meanwhile (or is stuck): nothing of the user is connected here.
+            with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
                 online.update(live.ask(Inspect(), timeout=ASK_TIMEOUT)["devices"])
-            except (pykka.ActorDeadError, pykka.Timeout):
-                pass  # it stopped meanwhile: nothing of the user is connected here
         if self._device_nodes is not None:
             try:
                 online.update(self._device_nodes(user))
