@@ -29,13 +29,13 @@ from collections import defaultdict
 
 import gevent
 import gevent.event
-import orjson
 import pykka
 
 from ..outage_log import OutageLog
 from ..protocol.errors import Forbidden, InternalError, UnknownRecipient
 from ..store import (
     COPY,
+    receipt_type,
     PushTarget,
     Receipts,
     Send,
@@ -399,7 +399,7 @@ class StoreActor(pykka.ThreadingActor):
                 receipts = outcome.receipts if isinstance(outcome, _ReceiptsDespiteFailure) else outcome
                 if isinstance(receipts, Receipts) and receipts.messages and request.notify is not None:
                     for receipt in receipts.messages:
-                        self._telemetry.receipts_stored[_receipt_type(receipt)] += 1
+                        self._telemetry.receipts_stored[receipt_type(receipt.id)] += 1
                     stored, wake, _ = committed.setdefault(request.notify, ([], [], {}))
                     stored.extend(receipts.messages)
                     wake.extend(_wake(receipts.messages, receipts.push_targets))
@@ -420,10 +420,6 @@ class _ReceiptsDespiteFailure:
     """An ACK or msg.read the store failed after it had stored these receipts."""
 
     receipts: Receipts
-
-
-def _receipt_type(receipt: StoredMessage) -> str:
-    return orjson.loads(receipt.message_json)["type"]
 
 
 def _wake(messages: tuple[StoredMessage, ...], push_targets: tuple[PushTarget, ...]) -> tuple:

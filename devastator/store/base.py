@@ -339,6 +339,15 @@ def receipt_id(message_id: str, kind: str, by: str) -> str:
     return f"{message_id}.{kind[0]}.{by}"
 
 
+RECEIPT_TYPES = ("delivered", "read")
+
+
+def receipt_type(receipt: str) -> str:
+    """The type a receipt id names (``receipt_id`` made it; message ids hold no dot)."""
+    letter = receipt.split(".", 2)[1]
+    return next(kind for kind in RECEIPT_TYPES if kind[0] == letter)
+
+
 def receipt_json(receipt: str, kind: str, message_id: str, by: str, ts: int) -> bytes:
     """The ``msg.receipt`` params a RECEIPT entry carries (PROTOCOL.md 7)."""
     return orjson.dumps({"id": receipt, "type": kind, "message": message_id, "by": by, "ts": ts})
