@@ -4,8 +4,9 @@ Every request that reaches the store actor waits in a queue until its inbox is
 empty (or the queue is long); then the whole queue runs in one transaction with
 one fsync, and only after the commit are the answers told. That is how
 ``msg.send`` answers after its message is durable without an fsync per message.
-SQLite runs in this actor's greenlet: an fsync here costs well under a
-millisecond, and a worker thread would make every statement wait for the GIL.
+SQLite's statements run in this actor's greenlet (in a worker thread every
+statement would wait for the GIL); only the COMMIT, its fsync, runs in a worker
+thread (SqliteStore), so that the event loop is not stalled while the disk syncs.
 
 Failures are answered truthfully, request by request. On a store whose batch
 is all or nothing (SQLite), a failure rolls the whole group back and every

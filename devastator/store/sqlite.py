@@ -23,6 +23,7 @@ import sqlite3
 from pathlib import Path
 from typing import Sequence
 
+import gevent
 import orjson
 
 from .base import (
@@ -752,7 +753,9 @@ class _Transaction:
                 changed = [(rows, table) for table, rows in store._deltas.items() if rows]
                 if changed:
                     db.executemany("UPDATE counts SET n = n + ? WHERE name = ?", changed)
-                db.execute("COMMIT")
+                # The fsync in a worker thread: SQLite lets go of the GIL while the disk
+                # syncs, and the event loop serves every connection meanwhile.
+                gevent.get_hub().threadpool.apply(db.execute, ("COMMIT",))
             except sqlite3.Error as error:
                 self._roll_back()
                 raise StoreError(f"SQLite could not commit: {error}") from error
