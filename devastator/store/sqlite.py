@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 import gevent
+import gevent.threadpool
 import orjson
 
 from .base import (
@@ -163,6 +164,9 @@ class SqliteStore:
         self.history_period_ms = history_period_ms
         self._db: sqlite3.Connection | None = None
         self._checkpointer: sqlite3.Connection | None = None
+        # One thread of this store's own for its COMMITs (see _Transaction.__exit__): a shared
+        # pool may make a transaction wait for a slot while it holds the write lock.
+        self._committer: gevent.threadpool.ThreadPool | None = None
         self._transaction = _Transaction(self)
         self._ids = MessageIds()
         # Users are never removed while the store is open, so "exists" can be kept
@@ -209,6 +213,7 @@ class SqliteStore:
         self._db = db
         self._load_receipt_recipients()
         self._checkpointer = self._connect()
+        self._committer = gevent.threadpool.ThreadPool(1)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -217,6 +222,9 @@ class SqliteStore:
         return db
 
     def close(self) -> None:
+        if self._committer is not None:
+            self._committer.kill()
+            self._committer = None
         if self._checkpointer is not None:
             self._checkpointer.close()
             self._checkpointer = None
@@ -755,7 +763,7 @@ class _Transaction:
                     db.executemany("UPDATE counts SET n = n + ? WHERE name = ?", changed)
                 # The fsync in a worker thread: SQLite lets go of the GIL while the disk
                 # syncs, and the event loop serves every connection meanwhile.
-                gevent.get_hub().threadpool.apply(db.execute, ("COMMIT",))
+                store._committer.apply(db.execute, ("COMMIT",))
             except sqlite3.Error as error:
                 self._roll_back()
                 raise StoreError(f"SQLite could not commit: {error}") from error
