@@ -330,21 +330,23 @@ class SqliteStore:
         The owner's devices with push tokens are added to ``push_targets`` (unless None).
         """
         db = self._conn
+        devices = self._devices_of(owner)
         if push_targets is not None:
             push_targets.extend(
-                PushTarget(owner, device, platform, token)
-                for device, platform, token in self._devices_of(owner) if token is not None
+                PushTarget(owner, device, platform, token) for device, platform, token in devices if token is not None
             )
         seq = db.execute(
             "INSERT INTO messages (id, sender, recipient, body, ts, expires, kind) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (entry_id, sender, owner, body, now_ms, expires, kind),
         ).lastrowid
-        waiting = db.execute(
-            "INSERT INTO pending (user, device, seq) SELECT user, device, ? FROM devices WHERE user = ?",
-            (seq, owner),
-        ).rowcount
+        # The devices read once a transaction (_devices_of), not looked up again per entry.
+        if len(devices) == 1:
+            db.execute("INSERT INTO pending (user, device, seq) VALUES (?, ?, ?)", (owner, devices[0][0], seq))
+        elif devices:
+            db.executemany("INSERT INTO pending (user, device, seq) VALUES (?, ?, ?)",
+                           [(owner, device, seq) for device, _, _ in devices])
         self._count("messages", 1)
-        self._count("pending", waiting)
+        self._count("pending", len(devices))
         return seq
 
     def _store_copy(
