@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
-from .actors.messages import Inspect
+from .actors.messages import HealthQuery, StoreStatsQuery
 from .admission import AdmissionControl, resident_bytes
 from .push import PushCounters, PushPlatforms
 from .telemetry import Histogram, Telemetry
@@ -68,7 +68,7 @@ class Operations:
         if failure is not None:
             return _unavailable(failure)
         actors = {"store": self._store, "router": self._router}
-        asked = {name: ref.ask(Inspect("health"), block=False) for name, ref in actors.items() if ref is not None}
+        asked = {name: ref.ask(HealthQuery(), block=False) for name, ref in actors.items() if ref is not None}
         deadline = time.monotonic() + self._health_timeout
         for name, answer in asked.items():
             try:
@@ -84,7 +84,7 @@ class Operations:
         return 200, b'{"status":"ok"}'
 
     def store_stats(self) -> dict[str, int]:
-        return self._store.ask(Inspect("stats"), timeout=STORE_STATS_TIMEOUT)
+        return self._store.ask(StoreStatsQuery(), timeout=STORE_STATS_TIMEOUT)
 
     @staticmethod
     def actors() -> dict[str, dict[str, int]]:

@@ -29,7 +29,7 @@ from .actors import DeviceActor, DeviceLimits, RouterActor, StoreActor, UserActo
 from .actors.admin import AdminActor
 from .actors.cluster import ClusterActor
 from .actors.push import PushDispatcherActor
-from .actors.messages import Inspect, Tick
+from .actors.messages import HealthQuery, Tick
 from .actors.supervision import watch
 from .admission import AdmissionControl, AdmissionLimits
 from .auth import JwtAuthority
@@ -168,7 +168,7 @@ class Server:
         # Both must answer before any connection can reach them.
         for name, ref in (("store", store_ref), ("router", router_ref)):
             try:
-                ref.ask(Inspect())
+                ref.ask(HealthQuery())
             except pykka.ActorDeadError:
                 raise StartFailed(f"the {name} actor failed at its start (its error is logged above)") from None
         self.admission = admission = AdmissionControl(

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from devastator.actors.api import ApiActor
-from devastator.actors.messages import ApiCall, Append, Inspect, SendResult, SendResults
+from devastator.actors.messages import ApiCall, ApiWaitingQuery, Append, SendResult, SendResults
 from devastator.admission import AdmissionControl
 from devastator.api_keys import ApiKeyFile, create_api_key, hash_key, load_api_keys
 from devastator.protocol import Limits
@@ -545,6 +545,10 @@ def test_api_requests_are_counted_in_metrics(running, http, key):
 # -- the API actor on its own: its failure answers what waits ---------------------------------------
 
 
+class ReceivedQuery:
+    """What SilentStore answers with the names of the requests it took."""
+
+
 class SilentStore(pykka.ThreadingActor):
     """A store actor that takes requests and never answers them."""
 
@@ -553,7 +557,7 @@ class SilentStore(pykka.ThreadingActor):
         self.received = []
 
     def on_receive(self, message):
-        if isinstance(message, Inspect):
+        if isinstance(message, ReceivedQuery):
             return [type(m).__name__ for m in self.received]
         self.received.append(message)
         return None
@@ -565,8 +569,8 @@ def test_a_failing_api_actor_answers_what_waits_500():
     admission = AdmissionControl().connection()
     waiting = gevent.event.AsyncResult()
     actor.tell(ApiCall(ApiSend("a", parse_send({"to": "b", "message": 1}, Limits())), waiting, admission))
-    assert actor.ask(Inspect()) == {"waiting": 1}  # it told the store before it answered this
-    assert store.ask(Inspect()) == ["AddUser", "Append"]
+    assert actor.ask(ApiWaitingQuery()) == {"waiting": 1}  # it told the store before it answered this
+    assert store.ask(ReceivedQuery()) == ["AddUser", "Append"]
     actor.tell(ApiCall(object(), gevent.event.AsyncResult()))  # a bug: the actor fails
     answer = waiting.get(timeout=WAIT)
     assert answer.status == 500 and orjson.loads(answer.body)["error"]["code"] == -32603
@@ -580,7 +584,7 @@ def test_the_api_actor_answers_a_send_with_the_store_s_result():
     waiting = gevent.event.AsyncResult()
     actor.tell(ApiCall(ApiSend("a", parse_send({"to": ["b", "c"], "message": 1, "cid": "k", "receipt": True},
                                                 Limits())), waiting))
-    actor.ask(Inspect())
+    actor.ask(ApiWaitingQuery())
     append = [m for m in store.proxy().received.get() if isinstance(m, Append)][0]
     assert (append.sender, append.recipients, append.cid, append.receipt, append.to_json) == (
         "a", ("b", "c"), "k", True, b'["b","c"]')

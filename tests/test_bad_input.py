@@ -10,7 +10,7 @@ import orjson
 import pykka
 import pytest
 
-from devastator.actors.messages import Inspect
+from devastator.actors.messages import OnlineUsersQuery
 from wire import RawTls
 
 METHODS = ["ping", "auth.jwt", "auth.cert", "auth.google", "msg.send", "msg.echo", "push.register", "nope", ""]
@@ -104,7 +104,7 @@ def test_random_hostile_clients_never_stop_the_server(running, seed):
     with deadline:
         while running.server.tls.connection_count > 2:
             gevent.sleep(0.05)
-    online = running.server.router_ref.ask(Inspect())
+    online = running.server.router_ref.ask(OnlineUsersQuery())
     assert sum(user["online"] for user in online.values()) == 2
 
 

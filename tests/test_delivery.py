@@ -4,7 +4,7 @@ import time
 import gevent
 import pytest
 
-from devastator.actors.messages import Inspect
+from devastator.actors.messages import OnlineUsersQuery
 from wire import RawTls
 
 
@@ -242,7 +242,7 @@ def test_user_actors_stop_when_idle_and_come_back(servers):
     bob.close()
     router = running.server.router_ref
     deadline = time.monotonic() + 5
-    while "bob" in router.ask(Inspect()):
+    while "bob" in router.ask(OnlineUsersQuery()):
         assert time.monotonic() < deadline
         gevent.sleep(0.05)
     alice = running.connect("alice")

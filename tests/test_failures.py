@@ -36,7 +36,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from devastator.actors import DeviceActor, RouterActor, StoreActor, UserActor
-from devastator.actors.messages import Inspect
+from devastator.actors.messages import OnlineUsersQuery, PushDispatchQuery
 from devastator.actors.push import PushDispatcherActor
 from devastator.client import Client
 from devastator.config import Settings, SettingsError
@@ -109,14 +109,14 @@ def metric(running, family: str, **labels) -> float | None:
 
 def online(running) -> dict:
     """The router's counts: user -> connections announced online."""
-    return {user: figures["online"] for user, figures in running.server.router_ref.ask(Inspect()).items()}
+    return {user: figures["online"] for user, figures in running.server.router_ref.ask(OnlineUsersQuery()).items()}
 
 
 def settled(running) -> None:
     """Everything told so far reached the dispatcher: router, then dispatcher, answer in order."""
-    running.server.router_ref.ask(Inspect())
+    running.server.router_ref.ask(OnlineUsersQuery())
     (dispatcher,) = pykka.ActorRegistry.get_by_class(PushDispatcherActor)
-    dispatcher.ask(Inspect())
+    dispatcher.ask(PushDispatchQuery())
 
 
 def failure_lines(caplog, text: str) -> list[logging.LogRecord]:

@@ -34,7 +34,7 @@ from devastator.admission import (
     AdmissionControl,
     AdmissionLimits,
 )
-from devastator.actors.messages import Inspect
+from devastator.actors.messages import StoredUserQuery
 from devastator.protocol.errors import OVERLOADED, Overloaded
 from devastator.telemetry import Telemetry
 from wire import RawTls, request
@@ -426,7 +426,7 @@ def test_a_full_store_queue_sheds_sends_and_refuses_connections_while_open_ones_
         assert telemetry.connections_refused == {"store_queue": 2}
         assert telemetry.sends_shed == {"store_queue": 1}
         # Every ACK bob sent, the one taken during the overload too, reached the store.
-        wait_for(lambda: not running.server.store_ref.ask(Inspect(("user", "bob")))["backlog"], "bob's ACKs")
+        wait_for(lambda: not running.server.store_ref.ask(StoredUserQuery("bob"))["backlog"], "bob's ACKs")
     finally:
         store.released.set()
         running.close_clients()

@@ -18,7 +18,7 @@ import pykka
 import pytest
 from gevent.server import StreamServer
 
-from devastator.actors.messages import Inspect
+from devastator.actors.messages import PushProviderQuery
 from devastator.push.apns import (
     PRODUCTION_HOST,
     SANDBOX_HOST,
@@ -117,7 +117,7 @@ class Provider:
         self.ref.tell(PushRequest(user=user, device=device, token=token, pending=pending, preview=preview))
 
     def inspect(self) -> dict:
-        return self.ref.ask(Inspect(), timeout=WAIT)
+        return self.ref.ask(PushProviderQuery(), timeout=WAIT)
 
 
 @pytest.fixture
@@ -417,7 +417,7 @@ def test_a_missing_key_file_fails_the_start(tmp_path):
     sink = Recorder()
     ref = ApnsProviderActor.start(config=config, token_sink=sink.ref, counters=PushCounters())
     with pytest.raises(pykka.ActorDeadError):
-        ref.ask(Inspect(), timeout=WAIT)
+        ref.ask(PushProviderQuery(), timeout=WAIT)
 
 
 # -- Apple itself ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import gevent.event
 import pykka
 import pytest
 
-from devastator.actors.messages import Inspect
+from devastator.actors.messages import PushProviderQuery
 from devastator.push.base import PushCounters, PushRequest, PushTokenRejected, UpstreamMessage
 from devastator.push.ccs import CcsConfig, GcmCcsProviderActor
 from fake_ccs import API_KEY, DOMAIN, SENDER_ID, WAIT, FakeCcs, fake_ccs, wait_for  # noqa: F401
@@ -117,7 +117,7 @@ class Provider:
                                   pending=pending, preview=preview))
 
     def inspect(self) -> dict:
-        return self.ref.ask(Inspect(), timeout=WAIT)
+        return self.ref.ask(PushProviderQuery(), timeout=WAIT)
 
 
 @pytest.fixture
@@ -394,7 +394,7 @@ def test_unreachable_server_then_recovery(tmp_path, ccs_log):
         ccs_log.wait_for_line("GCM CCS provider down")
         for n in range(3):
             ref.tell(PushRequest(user="u", device=f"d{n}", token=f"tok-{n}", pending=1))
-        state = ref.ask(Inspect(), timeout=WAIT)
+        state = ref.ask(PushProviderQuery(), timeout=WAIT)
         assert (state["down"], state["queued"], state["failed"]) == (True, 3, 0)
         fake.start()
         fake.wait_until(lambda: len(fake.delivered) == 3, "the queued pushes delivered")

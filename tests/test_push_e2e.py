@@ -10,7 +10,7 @@ import time
 import pykka
 import pytest
 
-from devastator.actors.messages import Inspect
+from devastator.actors.messages import CommitCountsQuery, OnlineUsersQuery, PushDispatchQuery
 from devastator.actors.push import PushDispatcherActor
 from devastator.protocol.errors import INVALID_PARAMS, RpcError
 from devastator.store import SqliteStore
@@ -34,8 +34,8 @@ def wait_until(condition, what: str, timeout: float = WAIT) -> None:
 
 def settled(running) -> None:
     """Everything told so far reached the dispatcher: router, then dispatcher, answer in order."""
-    running.server.router_ref.ask(Inspect())
-    dispatcher().ask(Inspect())
+    running.server.router_ref.ask(OnlineUsersQuery())
+    dispatcher().ask(PushDispatchQuery())
 
 
 def dispatcher() -> pykka.ActorRef:
@@ -44,7 +44,7 @@ def dispatcher() -> pykka.ActorRef:
 
 
 def offline(running, user: str) -> None:
-    wait_until(lambda: running.server.router_ref.ask(Inspect()).get(user, {}).get("online", 0) == 0,
+    wait_until(lambda: running.server.router_ref.ask(OnlineUsersQuery()).get(user, {}).get("online", 0) == 0,
                f"{user} to be offline")
 
 
@@ -247,7 +247,7 @@ def test_an_upstream_message_is_stored_as_a_send_from_its_device(ccs_server, fak
     got = alice.receive(timeout=WAIT)
     assert (got["from"], got["message"]) == ("bob", {"text": "from the push channel"})
     settled(running)
-    running.server.store_ref.ask(Inspect())
+    running.server.store_ref.ask(CommitCountsQuery())
     with pytest.raises(TimeoutError):
         alice.receive(timeout=0.5)  # stored once: the upstream message id is its cid
 

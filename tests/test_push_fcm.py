@@ -21,7 +21,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from devastator.actors.messages import Inspect
+from devastator.actors.messages import PushProviderQuery
 from devastator.push import PushCounters, PushRequest, PushTokenRejected
 from devastator.push.fcm import (
     FcmConfig,
@@ -107,7 +107,7 @@ class Provider:
         self.ref.tell(PushRequest(user="alice", device="phone", token=token, pending=pending, preview=preview))
 
     def inspect(self) -> dict:
-        return self.ref.ask(Inspect(), timeout=WAIT)
+        return self.ref.ask(PushProviderQuery(), timeout=WAIT)
 
 
 @pytest.fixture
@@ -541,4 +541,4 @@ def test_google_takes_a_push():
     ref = FcmProviderActor.start(config=config, token_sink=sink.ref, counters=counters)
     ref.tell(PushRequest(user="integration", device="test", token=os.environ["FCM_TEST_TOKEN"], pending=1))
     counters.wait_for(lambda c: c.sent + c.failed + c.tokens_removed >= 1, timeout=60)
-    assert counters.sent == 1, (ref.ask(Inspect(), timeout=WAIT), sink.messages)
+    assert counters.sent == 1, (ref.ask(PushProviderQuery(), timeout=WAIT), sink.messages)

@@ -23,7 +23,7 @@ import pytest
 import redis as redis_py
 
 from conftest import start_server
-from devastator.actors.messages import Inspect
+from devastator.actors.messages import OnlineUsersQuery
 from load import WAIT, Receiver, Sender, check_delivery
 from redis_server import RedisServer, free_port, require_redis_server
 
@@ -130,7 +130,7 @@ def test_a_paused_redis_gets_every_send_answered_in_bounded_time_and_then_the_se
     assert sender.slowest_answer < 8 * REDIS_SOCKET_TIMEOUT
     assert set(sender.errors) <= {-32603, -32003}
     assert not alice.closed.is_set() and not bob.closed.is_set(), "a client had to reconnect"
-    assert redis_running.server.router_ref.ask(Inspect()) == {"alice": {"online": 1}, "bob": {"online": 1}}
+    assert redis_running.server.router_ref.ask(OnlineUsersQuery()) == {"alice": {"online": 1}, "bob": {"online": 1}}
 
 
 def test_the_cli_says_in_one_line_that_redis_does_not_answer(tmp_path):

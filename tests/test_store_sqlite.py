@@ -8,7 +8,7 @@ import gevent
 import pytest
 
 from devastator.actors import StoreActor
-from devastator.actors.messages import Inspect, PurgeExpired
+from devastator.actors.messages import CommitCountsQuery, PurgeExpired
 from devastator.store import SqliteStore, StoreError
 
 
@@ -53,7 +53,7 @@ def test_the_store_actor_checkpoints_after_commits(tmp_path):
     ref = StoreActor.start(store=CountingStore(tmp_path / "db.sqlite"), checkpoint_interval=0.0)
     for _ in range(3):
         ref.tell(PurgeExpired())
-        assert ref.ask(Inspect())["commits"] >= 1
+        assert ref.ask(CommitCountsQuery())["commits"] >= 1
     ref.stop()
     assert CountingStore.checkpoints >= 1
 

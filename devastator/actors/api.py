@@ -42,15 +42,18 @@ from ..protocol.errors import InternalError, Overloaded, RpcError, UnknownRecipi
 from .messages import (
     AddUser,
     ApiCall,
+    ApiWaitingQuery,
     Append,
     DeviceRemovalDone,
     DeviceRemoved,
     Inspect,
+    LiveUserQuery,
     LoadUser,
     Register,
     Registered,
     RemoveDevice,
     SendResults,
+    UserDevicesQuery,
     UserLoaded,
     tell_if_alive,
 )
@@ -130,7 +133,8 @@ class ApiActor(pykka.ThreadingActor):
             self._on_user_loaded(message)
         elif isinstance(message, DeviceRemovalDone):
             self._on_device_removed(message)
-        elif isinstance(message, Inspect):
+        elif isinstance(message, (ApiWaitingQuery, Inspect)):
+            # Inspect: until tests/test_api.py asks ApiWaitingQuery
             return {"waiting": len(self._waiting)}
         return None
 
@@ -247,7 +251,7 @@ class ApiActor(pykka.ThreadingActor):
         if live is not None:
             # It stopped meanwhile (or is stuck): nothing of the user is connected here.
             with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
-                online.update(live.ask(Inspect(), timeout=ASK_TIMEOUT)["devices"])
+                online.update(live.ask(UserDevicesQuery(), timeout=ASK_TIMEOUT)["devices"])
         if self._device_nodes is not None:
             try:
                 online.update(self._device_nodes(user))
@@ -257,7 +261,7 @@ class ApiActor(pykka.ThreadingActor):
 
     def _user_actor(self, user: str) -> pykka.ActorRef | None:
         try:
-            return self._router.ask(Inspect(("user", user)), timeout=ASK_TIMEOUT)
+            return self._router.ask(LiveUserQuery(user), timeout=ASK_TIMEOUT)
         except (pykka.ActorDeadError, pykka.Timeout):
             return None
 

@@ -36,8 +36,8 @@ from .messages import (
     Announce,
     DeviceAbsent,
     DevicePresent,
+    ClusterStateQuery,
     HelperCrashed,
-    Inspect,
     Poke,
     RedisAnswering,
     Signal,
@@ -100,7 +100,7 @@ class ClusterActor(pykka.ThreadingActor):
         self._subscriber_client.close()
 
     def on_receive(self, message):
-        if isinstance(message, Inspect):
+        if isinstance(message, ClusterStateQuery):
             return {"node": self._node, "announced": self.announced, "redis_down": self._outage.down}
         if isinstance(message, HelperCrashed):
             raise RuntimeError(f"the cluster actor's {message.name} greenlet crashed") from message.error

@@ -516,9 +516,115 @@ class Tick:
     now: float  # time.monotonic()
 
 
+# -- questions asked with ask() (console, admin endpoint, /healthz, the launcher, tests) -----
+#
+# One frozen dataclass per question; its docstring says who answers and what. An
+# actor answers a question when it takes it from its inbox, after what was told to it
+# before (requests the store actor took before may still wait for their commit).
+
+
+@dataclass(frozen=True, slots=True)
+class HealthQuery:
+    """Is the actor well? (/healthz, and the launcher's "it answers")
+
+    The store actor answers {"failing": None}, or {"failing": since when and why}
+    while the store fails; the router {"users": its live user actors}, cheap
+    whatever their number.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class CommitCountsQuery:
+    """The store actor's {"commits", "committed_requests"}: groups committed and the requests in them."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatsQuery:
+    """The store actor's commit counts plus what the store holds (``Store.stats()``: messages, users...).
+
+    Raises the store's StoreUnavailableError while the store does not answer.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class StoredUserQuery:
+    """What the store holds of ``user``: {"exists", "devices" (DeviceRecords), "backlog" {device: (count, oldest)}}.
+
+    Asked of the store actor; raises the store's StoreUnavailableError while the store does not answer.
+    """
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class PendingQuery:
+    """The first ``limit`` messages stored for ``device`` of ``user``: {"messages": [StoredMessage]}.
+
+    Asked of the store actor; raises the store's StoreUnavailableError while the store does not answer.
+    """
+
+    user: str
+    device: str
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class OnlineUsersQuery:
+    """The router's live user actors: {user: {"online": connections}}."""
+
+
+@dataclass(frozen=True, slots=True)
+class LiveUserQuery:
+    """The router's user actor of ``user`` (an ActorRef), or None when it has none (no device online)."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserDevicesQuery:
+    """A user actor's {"user", "devices": {device: {"in_flight", "oldest_in_flight_age", "cursor",
+    "caught_up"}}, "attaching": [devices]}: its connected devices and their deliveries."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRefsQuery:
+    """A user actor's device actors: {device: ActorRef}."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionQuery:
+    """A device actor's {"user", "device" (None before its auth), "remote", "pending_sends"}."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStateQuery:
+    """The cluster actor's {"node", "announced": announcements made, "redis_down"}."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiWaitingQuery:
+    """The API actor's {"waiting": requests it told on and awaits the answer of}."""
+
+
+@dataclass(frozen=True, slots=True)
+class PushDispatchQuery:
+    """The push dispatcher's {"providers": platforms, "pushes": pushes asked, "waiting": devices woken
+    and not back}."""
+
+
+@dataclass(frozen=True, slots=True)
+class PushProviderQuery:
+    """A push provider's state and counters: {"platform", its connection ("host", "port" or "project"),
+    "down", "queued", "retrying", ... and ``PushCounters.as_dict()``}."""
+
+
 @dataclass(frozen=True, slots=True)
 class Inspect:
-    """Ask an actor for a plain-data view of its state (console, tests)."""
+    """The old untyped question; the typed queries above replace it.
+
+    Still asked by actors/admin.py and by some tests, and answered where they
+    ask it (each such branch says until which query), until they ask the query.
+    """
 
     detail: Any = None
 

@@ -39,7 +39,10 @@ from .messages import (
     DeviceReachable,
     DeviceRemoved,
     DevicesRemoved,
+    HealthQuery,
     Inspect,
+    LiveUserQuery,
+    OnlineUsersQuery,
     Poke,
     PollRemovals,
     PurgeExpired,
@@ -161,13 +164,18 @@ class RouterActor(pykka.ThreadingActor):
                     self._tell_user(user, live, Poke(None))
         elif isinstance(message, DevicesRemoved):
             self._on_devices_removed(message)
-        elif isinstance(message, Inspect):
-            if message.detail == "health":  # /healthz: cheap, whatever the number of users
-                return {"users": len(self._users)}
-            if isinstance(message.detail, tuple) and message.detail[0] == "user":
-                live = self._users.get(message.detail[1])
-                return None if live is None else live.ref
+        elif isinstance(message, HealthQuery):  # /healthz: cheap, whatever the number of users
+            return {"users": len(self._users)}
+        elif isinstance(message, LiveUserQuery):
+            live = self._users.get(message.user)
+            return None if live is None else live.ref
+        elif isinstance(message, OnlineUsersQuery):
             return {user: {"online": live.online} for user, live in self._users.items()}
+        elif isinstance(message, Inspect):
+            if message.detail is not None:  # Inspect: until admin.py asks LiveUserQuery
+                return self.on_receive(LiveUserQuery(message.detail[1]))
+            # Inspect: until tests/test_delivery.py, test_redis_outage.py and test_push_e2e.py ask OnlineUsersQuery
+            return self.on_receive(OnlineUsersQuery())
         return None
 
     def _route_committed(self, committed: Committed) -> None:

@@ -36,6 +36,7 @@ from .messages import (
     DeviceOffline,
     DeviceOnline,
     DeviceRemoved,
+    DeviceRefsQuery,
     ForgetInFlight,
     Inspect,
     Kick,
@@ -49,6 +50,7 @@ from .messages import (
     Tick,
     Unwatch,
     UserActorFailed,
+    UserDevicesQuery,
     Watch,
     WatchEvent,
     tell_if_alive,
@@ -138,10 +140,14 @@ class UserActor(pykka.ThreadingActor):
             self._close(message.device, Revoked())
         elif isinstance(message, Tick):
             self._on_tick(message)
+        elif isinstance(message, UserDevicesQuery):
+            return self._devices_state()
+        elif isinstance(message, DeviceRefsQuery):  # the device actors, for the admin endpoint
+            return {device: slot.ref for device, slot in self._devices.items()}
         elif isinstance(message, Inspect):
-            if message.detail == "refs":  # the device actors, for the admin endpoint
-                return {device: slot.ref for device, slot in self._devices.items()}
-            return self._inspect()
+            if message.detail == "refs":  # Inspect: until admin.py asks DeviceRefsQuery
+                return self.on_receive(DeviceRefsQuery())
+            return self._devices_state()  # Inspect: until admin.py asks UserDevicesQuery
         elif isinstance(message, Kick):
             return self._kick(message.device)
         elif isinstance(message, ForgetInFlight):
@@ -346,7 +352,7 @@ class UserActor(pykka.ThreadingActor):
             if not slot.caught_up and self._has_room(slot):  # e.g. after a failed page
                 self._load(device, slot)
 
-    def _inspect(self) -> dict:
+    def _devices_state(self) -> dict:
         now = self._clock()
         return {
             "user": self.user,

@@ -42,7 +42,7 @@ from gevent.pool import Group
 from hyper import HTTP20Connection
 from hyper.tls import init_context
 
-from ..actors.messages import Inspect, tell_if_alive
+from ..actors.messages import Inspect, PushProviderQuery, tell_if_alive
 from .base import PushCounters, PushRequest, PushTokenRejected
 
 log = logging.getLogger(__name__)
@@ -368,7 +368,7 @@ class _Retry:
 
 
 class ApnsProviderActor(pykka.ThreadingActor):
-    """Sends ``PushRequest``s through APNs; answers ``Inspect`` with its state."""
+    """Sends ``PushRequest``s through APNs; answers ``PushProviderQuery`` with its state."""
 
     platform = "apns"
 
@@ -424,8 +424,9 @@ class ApnsProviderActor(pykka.ThreadingActor):
             self._finish(message)
         elif isinstance(message, _Retry):
             self._queue.appendleft(message.job)  # it waited its turn already
-        elif isinstance(message, Inspect):
-            return self._inspect()
+        elif isinstance(message, (PushProviderQuery, Inspect)):
+            # Inspect: until tests/test_push_apns.py asks PushProviderQuery
+            return self._state()
         else:
             log.warning("APNs provider ignores %r", message)
             return None
@@ -440,7 +441,7 @@ class ApnsProviderActor(pykka.ThreadingActor):
         expiration = int(time.time()) + self._config.expiration if self._config.expiration else 0
         self._queue.append(_Job(request, build_payload(self._config, request), expiration))
 
-    def _inspect(self) -> dict[str, Any]:
+    def _state(self) -> dict[str, Any]:
         return {
             "platform": self.platform,
             "host": self._address[0],

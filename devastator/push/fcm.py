@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from gevent.pool import Group
 
-from ..actors.messages import Inspect, tell_if_alive
+from ..actors.messages import Inspect, PushProviderQuery, tell_if_alive
 from ..throttled_log import ThrottledLog
 from .base import PushCounters, PushRequest, PushTokenRejected
 
@@ -368,7 +368,7 @@ class _Connection:
 
 
 class FcmProviderActor(pykka.ThreadingActor):
-    """Sends ``PushRequest`` wake-ups through FCM; answers ``Inspect`` with its state.
+    """Sends ``PushRequest`` wake-ups through FCM; answers ``PushProviderQuery`` with its state.
 
     Tells ``token_sink`` a ``PushTokenRejected`` for each token FCM calls
     unregistered or invalid, and counts every outcome in ``counters``.
@@ -440,11 +440,12 @@ class FcmProviderActor(pykka.ThreadingActor):
     def on_receive(self, message):
         if isinstance(message, PushRequest):
             self._queue.put(_Job(message))
-        elif isinstance(message, Inspect):
-            return self._inspect()
+        elif isinstance(message, (PushProviderQuery, Inspect)):
+            # Inspect: until tests/test_push_fcm.py asks PushProviderQuery
+            return self._state()
         return None
 
-    def _inspect(self) -> dict[str, Any]:
+    def _state(self) -> dict[str, Any]:
         expires_in = None
         if self._access_token is not None:
             expires_in = round(max(0.0, self._token_expires - self._clock()), 1)

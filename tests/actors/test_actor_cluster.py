@@ -17,7 +17,7 @@ import redis
 
 from actor_fakes import Recorder
 from devastator.actors.cluster import ClusterActor
-from devastator.actors.messages import Announce, DevicePresent, Inspect, Poke
+from devastator.actors.messages import Announce, ClusterStateQuery, DevicePresent, Poke
 from devastator.cluster import ClusterKeys
 from devastator.store.redis import connect
 from redis_server import RedisServer, require_redis_server
@@ -58,7 +58,7 @@ def start_node(redis_server, keys, router):
             client=clients[0], subscriber_client=clients[1], prefix=keys.prefix, node=node, router=router.ref,
             **options,
         )
-        ref.ask(Inspect())
+        ref.ask(ClusterStateQuery())
         return ref
 
     return start
@@ -118,13 +118,13 @@ def test_an_outage_is_logged_once_and_what_it_lost_is_redone_when_redis_is_back(
     redis_server.kill()
     ref.tell(DevicePresent("carol", "phone"))  # a device connecting meanwhile
     ref.tell(Announce(("dave",)))  # a message stored meanwhile for a user on node 2
-    until(lambda: ref.ask(Inspect())["redis_down"], "the outage went unnoticed")
-    assert ref.ask(Inspect())["announced"] == 0
+    until(lambda: ref.ask(ClusterStateQuery())["redis_down"], "the outage went unnoticed")
+    assert ref.ask(ClusterStateQuery())["announced"] == 0
 
     redis_server.start()
-    until(lambda: ref.ask(Inspect())["announced"] == 1, "the lost announcement was not made again")
+    until(lambda: ref.ask(ClusterStateQuery())["announced"] == 1, "the lost announcement was not made again")
     assert raw.hget(keys.presence("carol"), "phone") == b"n1"  # recorded again
-    assert not ref.ask(Inspect())["redis_down"]
+    assert not ref.ask(ClusterStateQuery())["redis_down"]
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "devastator.actors.cluster"]
     assert [level for level, _ in lines] == ["ERROR", "WARNING"], lines
     assert "is failing" in lines[0][1] and "answering again" in lines[1][1]

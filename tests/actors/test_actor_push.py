@@ -7,8 +7,8 @@ from devastator.actors.messages import (
     Append,
     DeviceReachable,
     FindPushDevice,
-    Inspect,
     PushDeviceFound,
+    PushDispatchQuery,
     RemovePushToken,
     WakeDevices,
 )
@@ -68,10 +68,10 @@ def test_one_push_per_offline_device_until_the_quiet_period_ends(providers, stor
     dispatcher = start(providers, store, router, clock)
     dispatcher.tell(WakeDevices(((PHONE, stored(1)), (TABLET, stored(1)))))
     dispatcher.tell(WakeDevices(((PHONE, stored(2)),)))
-    dispatcher.ask(Inspect())
+    dispatcher.ask(PushDispatchQuery())
     clock.now += QUIET
     dispatcher.tell(WakeDevices(((PHONE, stored(3)),)))
-    dispatcher.ask(Inspect())
+    dispatcher.ask(PushDispatchQuery())
 
     assert providers["fcm"].drain() == [
         PushRequest("bob", "phone", "token-1", pending=1),
@@ -85,7 +85,7 @@ def test_a_device_that_connected_is_pushed_to_again_at_once(providers, store, ro
     dispatcher.tell(WakeDevices(((PHONE, stored(1)),)))
     dispatcher.tell(DeviceReachable("bob", "phone"))
     dispatcher.tell(WakeDevices(((PHONE, stored(2)),)))
-    dispatcher.ask(Inspect())
+    dispatcher.ask(PushDispatchQuery())
     assert len(providers["fcm"].drain()) == 2
 
 
@@ -99,7 +99,7 @@ def test_a_rejected_token_is_removed_and_skipped(providers, store, router, clock
     dispatcher = start(providers, store, router, clock)
     dispatcher.tell(PushTokenRejected("fcm", "bob", "phone", "token-1", "UNREGISTERED"))
     dispatcher.tell(WakeDevices(((PHONE, stored(1)),)))  # computed before the store forgot it
-    dispatcher.ask(Inspect())
+    dispatcher.ask(PushDispatchQuery())
     assert store.drain() == [RemovePushToken(PHONE)]
     assert providers["fcm"].drain() == []
 
@@ -107,7 +107,7 @@ def test_a_rejected_token_is_removed_and_skipped(providers, store, router, clock
 def test_a_platform_without_provider_is_skipped(providers, store, router, clock):
     dispatcher = start({"fcm": providers["fcm"]}, store, router, clock)
     dispatcher.tell(WakeDevices(((TABLET, stored(1)),)))
-    assert dispatcher.ask(Inspect())["pushes"] == 0
+    assert dispatcher.ask(PushDispatchQuery())["pushes"] == 0
 
 
 def test_an_upstream_message_becomes_a_send_from_the_token_s_device(providers, store, router, clock):
@@ -128,5 +128,5 @@ def test_an_upstream_message_that_is_no_send_is_dropped(providers, store, router
     dispatcher = start(providers, store, router, clock)
     dispatcher.tell(UpstreamMessage("gcm", "token-9", "up-8", data))
     dispatcher.tell(PushDeviceFound(store.next(FindPushDevice).request_key, "bob", "phone"))
-    dispatcher.ask(Inspect())
+    dispatcher.ask(PushDispatchQuery())
     assert store.drain() == []

@@ -13,7 +13,7 @@ from devastator.actors.messages import (
     DeviceOnline,
     DeviceRemoved,
     DevicesRemoved,
-    Inspect,
+    OnlineUsersQuery,
     Poke,
     PollRemovals,
     PurgeExpired,
@@ -75,7 +75,7 @@ def test_a_user_actor_is_started_on_its_first_device_only(router, users, device)
     router.tell(tablet)
     router.tell(DeviceOnline("bob", "phone", "reg", device.ref, 3))
 
-    assert router.ask(Inspect()) == {"alice": {"online": 2}, "bob": {"online": 1}}
+    assert router.ask(OnlineUsersQuery()) == {"alice": {"online": 2}, "bob": {"online": 1}}
     assert users.started == ["alice", "bob"]
     assert users.last("alice").drain() == [phone, tablet]
 
@@ -83,7 +83,7 @@ def test_a_user_actor_is_started_on_its_first_device_only(router, users, device)
 def test_committed_messages_go_to_live_users_only_split_and_in_order(router, users, device):
     router.tell(DeviceOnline("alice", "phone", "reg", device.ref, 1))
     router.tell(DeviceOnline("bob", "phone", "reg", device.ref, 2))
-    router.ask(Inspect())
+    router.ask(OnlineUsersQuery())
     alice, bob = users.last("alice"), users.last("bob")
     alice.drain()
     bob.drain()
@@ -92,7 +92,7 @@ def test_committed_messages_go_to_live_users_only_split_and_in_order(router, use
         stored(1, "alice"), stored(2, "carol"), stored(3, "bob"), stored(4, "alice"), stored(5, "bob"),
     )))
     router.tell(Committed((stored(6, "carol"),)))
-    router.ask(Inspect())
+    router.ask(OnlineUsersQuery())
 
     assert alice.drain() == [Committed((stored(1, "alice"), stored(4, "alice")))]
     assert bob.drain() == [Committed((stored(3, "bob"), stored(5, "bob")))]
@@ -101,13 +101,13 @@ def test_committed_messages_go_to_live_users_only_split_and_in_order(router, use
 
 def test_ticks_reach_users_with_devices_online_and_purge_on_schedule(router, users, store, device):
     router.tell(DeviceOnline("alice", "phone", "reg", device.ref, 1))
-    router.ask(Inspect())
+    router.ask(OnlineUsersQuery())
     alice = users.last("alice")
     alice.drain()
 
     for now in (5.0, 6.0, 14.9, 15.0):
         router.tell(Tick(now))
-    router.ask(Inspect())
+    router.ask(OnlineUsersQuery())
 
     assert alice.drain() == [Tick(5.0), Tick(6.0), Tick(14.9), Tick(15.0)]
     polls = [PollRemovals(None, router)]  # on start: the cursor of now
@@ -118,24 +118,24 @@ def test_an_idle_user_actor_is_stopped_and_started_again_when_needed(router, use
     online = DeviceOnline("alice", "phone", "reg", device.ref, 1)
     router.tell(online)
     router.tell(DeviceOffline("alice", "phone", device.ref))
-    router.ask(Inspect())
+    router.ask(OnlineUsersQuery())
     first = users.last("alice")
     assert first.drain() == [online, DeviceOffline("alice", "phone", device.ref)]
 
     # Offline, but not for user_idle_timeout yet.
     router.tell(Tick(time.monotonic()))
-    assert router.ask(Inspect()) == {"alice": {"online": 0}}
+    assert router.ask(OnlineUsersQuery()) == {"alice": {"online": 0}}
     assert first.ref.is_alive()
     assert first.drain() == []  # no ticks for a user with no device online
 
     router.tell(Tick(LATER))
-    assert router.ask(Inspect()) == {}
+    assert router.ask(OnlineUsersQuery()) == {}
     assert first.ref.actor_stopped.wait(2)
     assert not first.ref.is_alive()
 
     router.tell(Committed((stored(1, "alice"),)))  # for nobody live: the store keeps it
     router.tell(DeviceOnline("alice", "phone", "reg", device.ref, 2))
-    assert router.ask(Inspect()) == {"alice": {"online": 1}}
+    assert router.ask(OnlineUsersQuery()) == {"alice": {"online": 1}}
     assert users.started == ["alice", "alice"]
     second = users.last("alice")
     assert second is not first
@@ -148,7 +148,7 @@ def test_a_user_with_one_device_left_online_is_not_stopped(router, users, device
     router.tell(DeviceOffline("alice", "phone", device.ref))
     router.tell(Tick(LATER))
 
-    assert router.ask(Inspect()) == {"alice": {"online": 1}}
+    assert router.ask(OnlineUsersQuery()) == {"alice": {"online": 1}}
     alice = users.last("alice")
     assert alice.ref.is_alive()
     assert alice.drain()[-1] == Tick(LATER)
@@ -156,7 +156,7 @@ def test_a_user_with_one_device_left_online_is_not_stopped(router, users, device
 
 def test_a_device_offline_for_a_user_not_live_is_ignored(router, users, device):
     router.tell(DeviceOffline("alice", "phone", device.ref))
-    assert router.ask(Inspect()) == {}
+    assert router.ask(OnlineUsersQuery()) == {}
     assert users.started == []
 
 
@@ -164,7 +164,7 @@ def test_the_router_survives_a_user_actor_that_died(router, users, device):
     """A user actor that failed (an unhandled exception stops a pykka actor) must
     not take the router, and with it every user's traffic, down."""
     router.tell(DeviceOnline("alice", "phone", "reg", device.ref, 1))
-    router.ask(Inspect())
+    router.ask(OnlineUsersQuery())
     users.last("alice").ref.stop()
 
     router.tell(Committed((stored(1, "alice"),)))
@@ -172,7 +172,7 @@ def test_the_router_survives_a_user_actor_that_died(router, users, device):
     router.tell(DeviceOnline("alice", "phone", "reg", device.ref, 2))
 
     # The first connection still counts until its DeviceOffline: a dead user actor leaves the counts true.
-    assert router.ask(Inspect(), timeout=2)["alice"]["online"] == 2
+    assert router.ask(OnlineUsersQuery(), timeout=2)["alice"]["online"] == 2
     assert router.is_alive()
     assert len(users.actors["alice"]) == 2  # a fresh one took over at the first tell that failed
     assert DeviceOnline("alice", "phone", "reg", device.ref, 2) in users.last("alice").drain()
@@ -180,7 +180,7 @@ def test_the_router_survives_a_user_actor_that_died(router, users, device):
 
 def test_stopping_the_router_stops_its_user_actors(router, users, device):
     router.tell(DeviceOnline("alice", "phone", "reg", device.ref, 1))
-    router.ask(Inspect())
+    router.ask(OnlineUsersQuery())
     router.stop()
     assert not users.last("alice").ref.is_alive()
 
@@ -195,7 +195,7 @@ def test_removed_devices_are_polled_for_and_their_users_told(router, users, stor
     router.tell(Tick(LATER + 1.5))  # a poll is out: no second one
     router.tell(DevicesRemoved(9, (("alice", "phone"), ("nobody-online", "x"))))
     router.tell(Tick(LATER + 2.0))
-    router.ask(Inspect())
+    router.ask(OnlineUsersQuery())
 
     assert DeviceRemoved("phone") in users.last("alice").drain()
     assert [m for m in store.drain() if isinstance(m, PollRemovals)] == [PollRemovals(9, router)]
@@ -210,7 +210,7 @@ def test_users_to_recheck_read_their_mailboxes_again_here_and_on_other_nodes(sto
     router.tell(DeviceOnline("bob", "phone", "reg", device.ref, 2))
     # The store could not tell whether a send to bob and carol landed; one to alice did.
     router.tell(Committed((stored(7, "alice"),), recheck=("bob", "carol")))
-    router.ask(Inspect())
+    router.ask(OnlineUsersQuery())
 
     assert [m for m in users.last("alice").drain() if isinstance(m, Committed)] == [Committed((stored(7, "alice"),))]
     assert [m for m in users.last("bob").drain() if isinstance(m, Poke)] == [Poke(None)]

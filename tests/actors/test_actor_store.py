@@ -18,16 +18,18 @@ from devastator.actors.messages import (
     Ack,
     Append,
     AttachDevice,
+    CommitCountsQuery,
     Committed,
     DeviceAttached,
     DevicesRemoved,
-    Inspect,
+    HealthQuery,
     LoadPending,
     PendingLoaded,
     PollRemovals,
     Register,
     Registered,
     SendResults,
+    StoreStatsQuery,
 )
 from devastator.protocol.errors import FORBIDDEN, INTERNAL_ERROR, UNKNOWN_RECIPIENT
 from devastator.actors.messages import MarkRead, ReadMarked
@@ -86,7 +88,7 @@ def router():
 def start_store(db_path):
     def start(store_class=SqliteStore):
         ref = StoreActor.start(store=store_class(db_path, synchronous="NORMAL"))
-        ref.ask(Inspect())  # open and idle: what is told next arrives together
+        ref.ask(CommitCountsQuery())  # open and idle: what is told next arrives together
         return ref
 
     return start
@@ -144,7 +146,7 @@ def test_appends_told_together_share_commits_and_are_all_answered(start_store, s
     assert [m.seq for m in messages] == sorted(m.seq for m in messages)
     assert [m.id for m in messages] == [by_key[key].id for key in range(count)]
 
-    counters = store.ask(Inspect())
+    counters = store.ask(CommitCountsQuery())
     assert counters["committed_requests"] == count
     assert 1 <= counters["commits"] < count
 
@@ -156,7 +158,7 @@ def test_a_retried_cid_in_one_group_is_stored_once(start_store, sender, router):
 
     by_key = results(sender, 2)
     assert (by_key[1].id, by_key[1].ts) == (by_key[2].id, by_key[2].ts)
-    store.ask(Inspect())
+    store.ask(CommitCountsQuery())
     messages = [m for c in router.drain() for m in c.messages]
     assert [m.id for m in messages] == [by_key[1].id]
 
@@ -177,7 +179,7 @@ def test_a_retried_cid_in_a_later_group_is_stored_once(start_store, sender, rout
     assert other.id != first.id
     (message,) = router.next(Committed).messages
     assert message.id == other.id
-    store.ask(Inspect())
+    store.ask(CommitCountsQuery())
     assert router.drain() == []
 
 
@@ -282,7 +284,7 @@ class _FailingStore(SqliteStore):
 def test_a_failed_commit_answers_every_request_and_the_next_group_works(start_store, sender, router):
     store = start_store(_FailingStore)
     user, tablet = Recorder("user"), Recorder("tablet")
-    before = store.ask(Inspect())
+    before = store.ask(CommitCountsQuery())
 
     store.tell(append(1, sender, router))
     store.tell(append(2, sender, router, body=b'"boom"'))
@@ -297,7 +299,7 @@ def test_a_failed_commit_answers_every_request_and_the_next_group_works(start_st
     assert user.next(PendingLoaded) == PendingLoaded("phone", 0, (), complete=False, failed=True)
     attached = user.next(DeviceAttached)
     assert (attached.request_key, attached.error.code) == (5, INTERNAL_ERROR)
-    assert store.ask(Inspect()) == before
+    assert store.ask(CommitCountsQuery()) == before
     assert router.drain() == []
 
     store.tell(append(4, sender, router))
@@ -310,11 +312,11 @@ def test_a_failed_commit_answers_every_request_and_the_next_group_works(start_st
 
 def test_an_inspect_behind_appends_does_not_hold_them_back(start_store, sender, router):
     """Requests wait in the group until the inbox is empty; a message the actor
-    answers at once (Inspect, from the console) must not leave them waiting."""
+    answers at once (a query, from the console) must not leave them waiting."""
     store = start_store()
     store.tell(append(1, sender, router))
     store.tell(append(2, sender, router))
-    counters = store.ask(Inspect(), block=False)
+    counters = store.ask(CommitCountsQuery(), block=False)
 
     assert sorted(results(sender, 2)) == [1, 2]
     counters.get(timeout=2)
@@ -351,7 +353,7 @@ def test_on_sqlite_a_failure_mid_group_fails_the_whole_group_and_a_retry_stores_
     assert {key: (r.id, r.error.code) for key, r in by_key.items()} == {k: (None, INTERNAL_ERROR) for k in (1, 2, 3)}
     assert all("not stored" in r.error.message for r in by_key.values())  # one transaction: none of it was
     assert router.drain() == []
-    assert store.ask(Inspect("stats"))["messages"] == 0
+    assert store.ask(StoreStatsQuery())["messages"] == 0
     assert [r.levelname for r in caplog.records if r.name == "devastator.actors.store"] == ["ERROR"]
 
     db.execute("DROP TRIGGER boom")  # the disk has room again
@@ -362,7 +364,7 @@ def test_on_sqlite_a_failure_mid_group_fails_the_whole_group_and_a_retry_stores_
     retried = results(sender, 3)
     assert all(r.error is None for r in retried.values())
     assert [m.id for m in committed(router, 3)] == [retried[k].id for k in (11, 12, 13)]
-    assert store.ask(Inspect("stats"))["messages"] == 3
+    assert store.ask(StoreStatsQuery())["messages"] == 3
     assert caplog.records[-1].message.startswith("the message store is answering again")
 
 
@@ -389,7 +391,7 @@ def raw(redis_server):
 
 def start_on(store, **options):
     ref = StoreActor.start(store=store, **options)
-    ref.ask(Inspect())  # open and idle: what is told next arrives together
+    ref.ask(CommitCountsQuery())  # open and idle: what is told next arrives together
     return ref
 
 
@@ -414,7 +416,7 @@ def test_on_redis_what_landed_is_answered_and_committed_and_what_did_not_is_an_e
     told = router.next(Committed)
     assert [m.id for m in told.messages] == [by_key[k].id for k in (1, 2, 3) if by_key[k].error is None]
     assert told.recheck == (failing,)  # its script may have run half-way: its mailbox is read again
-    assert store.ask(Inspect("stats"))["messages"] == 2
+    assert store.ask(StoreStatsQuery())["messages"] == 2
 
     raw.delete(redis_store._user_key(failing, "msgs"))
     for request in group_with_a_failure(-1, sender, router, key0=11):  # the client retries all three
@@ -426,7 +428,7 @@ def test_on_redis_what_landed_is_answered_and_committed_and_what_did_not_is_an_e
             assert retried[key].id == by_key[key - 10].id  # the same answer as the first time
     retold = router.next(Committed)
     assert [m.recipient for m in retold.messages] == [failing]
-    assert store.ask(Inspect("stats"))["messages"] == 3  # each stored once
+    assert store.ask(StoreStatsQuery())["messages"] == 3  # each stored once
 
 
 @pytest.fixture
@@ -443,7 +445,7 @@ def test_on_redis_a_group_redis_did_not_answer_asks_for_a_recheck_and_the_rest_w
     store = start_on(cut, retry_interval=60.0)
     user = Recorder("user")
     store.tell(append(1, sender, router, to=("alice", "bob")))
-    store.ask(Inspect())  # alice and bob known to the store now
+    store.ask(CommitCountsQuery())  # alice and bob known to the store now
     router.next(Committed)
     results(sender, 1)
 
@@ -463,9 +465,9 @@ def test_on_redis_a_group_redis_did_not_answer_asks_for_a_recheck_and_the_rest_w
     # Within the retry interval, a new group is answered at once, without a try.
     store.tell(LoadPending("alice", "phone", 0, 10, user.ref))
     assert user.next(PendingLoaded).failed
-    assert "the message store has been failing" in store.ask(Inspect("health"))["failing"]
+    assert "the message store has been failing" in store.ask(HealthQuery())["failing"]
     with pytest.raises(StoreUnavailableError):
-        store.ask(Inspect("stats"))
+        store.ask(StoreStatsQuery())
     assert cutter.cut == 1
     store_records = [r for r in caplog.records if r.name == "devastator.actors.store"]
     assert [(r.levelname, r.exc_info) for r in store_records] == [("ERROR", None)]
@@ -483,11 +485,11 @@ def test_on_redis_an_outage_is_logged_when_it_starts_and_when_it_ends(tmp_path, 
         for key in range(10, 15):  # one group after another, each failing
             store.tell(append(key, sender, router))
             assert results(sender, 1)[key].error.code == INTERNAL_ERROR
-        assert "Redis did not answer" in store.ask(Inspect("health"))["failing"]
+        assert "Redis did not answer" in store.ask(HealthQuery())["failing"]
         server.start()
         store.tell(append(20, sender, router))
         assert results(sender, 1)[20].error is None
-        assert store.ask(Inspect("health")) == {"failing": None}
+        assert store.ask(HealthQuery()) == {"failing": None}
     finally:
         server.stop()
     lines = [(r.levelname, r.getMessage(), r.exc_info) for r in caplog.records if r.name == "devastator.actors.store"]

@@ -21,12 +21,12 @@ from devastator.actors.messages import (
     DeviceOffline,
     DeviceOnline,
     DeviceRemoved,
-    Inspect,
     LoadPending,
     PendingLoaded,
     Replaced,
     Revoked,
     Tick,
+    UserDevicesQuery,
 )
 from devastator.protocol.errors import Forbidden
 from devastator.store import StoredMessage
@@ -116,7 +116,7 @@ def test_a_device_online_is_attached_authenticated_and_sent_its_backlog(store):
     user.tell(PendingLoaded("phone", 0, page(1, 3), complete=True))
     assert phone.next(Deliver) == Deliver(page(1, 3), as_batch=True)
 
-    user.ask(Inspect())
+    user.ask(UserDevicesQuery())
     assert phone.drain() == []
     assert store.drain() == []
 
@@ -131,7 +131,7 @@ def test_a_failed_attachment_is_told_to_the_device_and_nothing_is_loaded(make_us
 
     assert phone.drain() == [AuthFailed(KEY, error)]
     assert [type(m) for m in store.drain()] == [AttachDevice]
-    assert user.on_receive(Inspect())["devices"] == {}
+    assert user.on_receive(UserDevicesQuery())["devices"] == {}
 
 
 def test_a_second_connection_of_a_device_replaces_the_first_once_attached(make_user, store):
@@ -160,7 +160,7 @@ def test_a_connection_with_revoked_credentials_replaces_nobody(make_user, store)
 
     assert stolen.drain() == [AuthFailed(2, error)]
     assert good.drain() == []
-    assert list(user.on_receive(Inspect())["devices"]) == ["phone"]
+    assert list(user.on_receive(UserDevicesQuery())["devices"]) == ["phone"]
 
 
 def test_a_removed_device_is_revoked_and_forgotten(make_user, store):
@@ -173,7 +173,7 @@ def test_a_removed_device_is_revoked_and_forgotten(make_user, store):
     user.on_receive(Committed(page(1, 1)))
 
     assert phone.drain() == [Revoked()]
-    assert list(user.on_receive(Inspect())["devices"]) == ["tablet"]
+    assert list(user.on_receive(UserDevicesQuery())["devices"]) == ["tablet"]
 
 
 def test_an_offline_while_attaching_drops_the_attachment(make_user, store):
@@ -182,7 +182,7 @@ def test_an_offline_while_attaching_drops_the_attachment(make_user, store):
     user.on_receive(DeviceOffline("alice", "phone", phone.ref))
     user.on_receive(DeviceAttached("phone", phone.ref, 1, pending=0))
     assert phone.drain() == []
-    assert user.on_receive(Inspect())["devices"] == {}
+    assert user.on_receive(UserDevicesQuery())["devices"] == {}
 
 
 def test_the_offline_of_a_replaced_connection_leaves_the_new_one_alone(make_user, store):
@@ -207,7 +207,7 @@ def test_a_device_offline_gets_no_more_deliveries(make_user, store):
     user.on_receive(Tick(10_000.0))
 
     assert phone.drain() == []
-    assert user.on_receive(Inspect())["devices"] == {}
+    assert user.on_receive(UserDevicesQuery())["devices"] == {}
 
 
 # -- the backlog and live messages ----------------------------------------------------
@@ -227,7 +227,7 @@ def test_live_messages_after_the_backlog_go_one_by_one_in_order(make_user, store
         Deliver(page(3, 5), as_batch=False),
         Deliver((stored(6),), as_batch=False),
     ]
-    assert user.on_receive(Inspect())["devices"]["phone"]["cursor"] == 6
+    assert user.on_receive(UserDevicesQuery())["devices"]["phone"]["cursor"] == 6
 
 
 def test_a_message_committed_while_a_page_loads_is_loaded_next(make_user, store):
@@ -293,7 +293,7 @@ def test_the_window_bounds_what_is_in_flight_and_acks_load_more(make_user, store
 
     user.on_receive(PendingLoaded("phone", 4, page(5, 8), complete=False))
     assert phone.drain() == [Deliver(page(5, 8), as_batch=True)]
-    assert user.on_receive(Inspect())["devices"]["phone"]["in_flight"] == 4
+    assert user.on_receive(UserDevicesQuery())["devices"]["phone"]["in_flight"] == 4
 
 
 def test_live_messages_beyond_the_window_are_left_to_the_next_page(make_user, store):
@@ -344,7 +344,7 @@ def test_acks_of_unknown_ids_are_not_told_to_the_store(make_user, store):
     user.on_receive(Acked("tablet", phone.ref, ids(page(1, 2))))
 
     assert store.drain() == []
-    assert user.on_receive(Inspect())["devices"]["phone"]["in_flight"] == 2
+    assert user.on_receive(UserDevicesQuery())["devices"]["phone"]["in_flight"] == 2
 
 
 def test_an_ack_of_known_and_unknown_ids_acks_the_known_ones(make_user, store):
@@ -389,7 +389,7 @@ def test_expired_deliveries_are_dropped_not_sent_again(make_user, store, wall):
     user.on_receive(Tick(200.0))
 
     assert phone.drain() == [Deliver((stored(1), stored(3)), as_batch=False)]
-    assert user.on_receive(Inspect())["devices"]["phone"]["in_flight"] == 2
+    assert user.on_receive(UserDevicesQuery())["devices"]["phone"]["in_flight"] == 2
     # The store's purge retires it: no Ack for an expired message.
     user.on_receive(Acked("phone", phone.ref, (short.id,)))
     assert store.drain() == []
@@ -431,7 +431,7 @@ def test_each_device_has_its_own_deliveries_and_acks(make_user, store):
     user.on_receive(Tick(1_000.0))
     assert phone.drain() == [Deliver(page(3, 3), as_batch=False)]
     assert tablet.drain() == [Deliver(page(1, 3), as_batch=False)]
-    devices = user.on_receive(Inspect())["devices"]
+    devices = user.on_receive(UserDevicesQuery())["devices"]
     assert (devices["phone"]["in_flight"], devices["tablet"]["in_flight"]) == (1, 3)
 
 
@@ -449,9 +449,9 @@ def test_two_devices_through_a_started_actor(store):
     assert tablet.next(Deliver) == Deliver(page(1, 1), as_batch=False)
 
     user.tell(Acked("tablet", tablet.ref, ("m0001",)))
-    user.ask(Inspect())
+    user.ask(UserDevicesQuery())
     assert Ack("alice", "tablet", (1,)) in store.drain()
-    assert user.ask(Inspect())["devices"]["phone"]["in_flight"] == 1
+    assert user.ask(UserDevicesQuery())["devices"]["phone"]["in_flight"] == 1
 
 
 # -- robustness -----------------------------------------------------------------------
@@ -468,11 +468,11 @@ def test_a_device_actor_that_is_gone_does_not_bring_the_user_actor_down(store):
         user.tell(DeviceAttached(device, probe.ref, KEY, pending=0))
         probe.next(Authenticated)
         user.tell(PendingLoaded(device, 0, (), complete=True))
-    user.ask(Inspect())
+    user.ask(UserDevicesQuery())
 
     phone.ref.stop()
     user.tell(Committed(page(1, 1)))
 
     assert tablet.next(Deliver) == Deliver(page(1, 1), as_batch=False)
     assert user.is_alive()
-    assert user.ask(Inspect(), timeout=2)["devices"]["tablet"]["in_flight"] == 1
+    assert user.ask(UserDevicesQuery(), timeout=2)["devices"]["tablet"]["in_flight"] == 1
