@@ -3,12 +3,21 @@
 
 Starts the server as a subprocess on free ports with a fresh data directory,
 mints tokens for N sender/recipient pairs, and drives it with a lean load
-generator (one greenlet per connection, big reads, one write per read):
+generator (one greenlet per connection, big reads). As a chat client does,
+each msg.send goes in its own frame and its own write, and each ACK too, as
+each message arrives; ``--coalesce`` writes what one read made room for at
+once (ACKs in JSON-RPC batches):
 
     online   recipients connected; senders keep W sends in flight for the
              warm-up and the measured duration; latency is receive - send time.
     offline  recipients away; senders store M messages; then the recipients
              connect and the bench times the drain of the backlog.
+    idle     N authenticated connections held open: server memory per connection.
+    overload bystanders' latency while other users flood the server.
+
+``--peer mosquitto`` runs the same load against a Mosquitto of its own
+(bench/mosquitto.py: MQTT QoS 1 over TLS) in the same invocation, one server
+after the other, and reports both and their ratio.
 
 Every received message is checked (addressed to this recipient, from its
 sender, in order per sender); JSON-RPC errors, lost messages and order
@@ -21,13 +30,13 @@ monkey.patch_all()  # before anything imports socket, ssl, subprocess or threadi
 import argparse  # noqa: E402
 import array  # noqa: E402
 import os  # noqa: E402
-import resource  # noqa: E402
 import secrets  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import sqlite3  # noqa: E402
 import ssl  # noqa: E402
+import statistics  # noqa: E402
 import struct  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -41,6 +50,13 @@ import gevent.event  # noqa: E402
 from gevent.pool import Group  # noqa: E402
 import orjson  # noqa: E402
 
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))  # measure.py, mqtt.py, mosquitto.py: this checkout's load generator
+
+from measure import (  # noqa: E402
+    ERRORS_KEPT, READ_SIZE, ArrivalChecks, BenchError, CpuMeter, Run, TlsConnection, WindowedSender, free_port,
+    mark, message_json, per_msg_us, percentile_ms, process_cpu_seconds, process_rss_mb, rounded as _round,
+)
 
 
 def _server_root(argv: list[str]) -> Path:
@@ -55,7 +71,7 @@ def _server_root(argv: list[str]) -> Path:
             return Path(argv[i + 1]).resolve()
         if arg.startswith("--server-root="):
             return Path(arg.split("=", 1)[1]).resolve()
-    return Path(__file__).resolve().parent.parent
+    return BENCH_DIR.parent
 
 
 ROOT = _server_root(sys.argv[1:])
@@ -63,12 +79,10 @@ sys.path.insert(0, str(ROOT))  # run from a checkout even when the package is no
 
 from devastator.protocol import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, RpcError  # noqa: E402
 from devastator.protocol.errors import OVERLOADED  # noqa: E402
+from mosquitto import DEFAULT_EXECUTABLE as DEFAULT_MOSQUITTO, MosquittoProcess, MosquittoTarget  # noqa: E402
 
-READ_SIZE = 256 * 1024
 DEVICE = "bench"
-ACK_BATCH = 100  # ACKs go back in batches like the server's delivery chunks
-ERRORS_KEPT = 5
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+ACK_BATCH = 100  # --coalesce: ACKs go back in batches like the server's delivery chunks
 # What the server can do, not what it lets one user do: every mode but --overload turns the
 # overload control and the send rate limits off (unless the environment sets them).
 CAPACITY_SETTINGS = {
@@ -84,19 +98,6 @@ _pack_header = struct.Struct("<I").pack
 _loads = orjson.loads
 _dumps = orjson.dumps
 _now = time.perf_counter
-
-
-class BenchError(Exception):
-    """The benchmark cannot go on (server did not start, auth failed, ...)."""
-
-
-# -- the server process --------------------------------------------------------------
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 class ServerProcess:
@@ -166,83 +167,6 @@ class ServerProcess:
             return "(no server log)"
 
 
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (a --workers supervisor and its workers)."""
-    pids, index = [pid], 0
-    while index < len(pids):
-        try:
-            with open(f"/proc/{pids[index]}/task/{pids[index]}/children") as children:
-                pids.extend(int(child) for child in children.read().split())
-        except OSError:
-            pass
-        index += 1
-    return pids
-
-
-def process_cpu_seconds(pid: int | None) -> tuple[float, float] | None:
-    """(utime, stime) in seconds of ``pid`` and its children: fields 14 and 15 of /proc/PID/stat."""
-    if pid is None:
-        return None
-    user = system = 0.0
-    for member in process_tree(pid):
-        try:
-            with open(f"/proc/{member}/stat", "rb") as stat:
-                data = stat.read()
-        except OSError:
-            if member == pid:
-                return None
-            continue
-        # The command name (field 2) may hold spaces: count the fields after its ")".
-        fields = data[data.rindex(b")") + 2:].split()
-        user += int(fields[11]) / CLK_TCK
-        system += int(fields[12]) / CLK_TCK
-    return user, system
-
-
-def process_rss_mb(pid: int | None) -> float | None:
-    """Resident memory of ``pid`` and its children."""
-    if pid is None:
-        return None
-    total = None
-    for member in process_tree(pid):
-        try:
-            with open(f"/proc/{member}/status") as status:
-                for line in status:
-                    if line.startswith("VmRSS:"):
-                        total = (total or 0.0) + int(line.split()[1]) / 1024
-        except OSError:
-            continue
-    return total
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-class CpuMeter:
-    """CPU seconds of the server and of this process between ``start`` and ``stop``."""
-
-    def __init__(self, server_pid: int | None):
-        self.server_pid = server_pid
-
-    def start(self) -> None:
-        self.started = _now()
-        self._server = process_cpu_seconds(self.server_pid)
-        self._own = own_cpu_seconds()
-
-    def stop(self) -> None:
-        self.wall = _now() - self.started
-        end = process_cpu_seconds(self.server_pid)
-        if end is None or self._server is None:
-            self.server = self.server_user = self.server_sys = None
-        else:
-            self.server_user = end[0] - self._server[0]
-            self.server_sys = end[1] - self._server[1]
-            self.server = self.server_user + self.server_sys
-        self.own = own_cpu_seconds() - self._own
-
-
 # -- tokens --------------------------------------------------------------------------
 
 
@@ -298,82 +222,19 @@ def pending_count(settings, users: list[str]) -> int:
 # -- the load generator ------------------------------------------------------------
 
 
-class Run:
-    """State the connections share with the conductor: flags read once per socket read."""
+class Connection(TlsConnection):
+    """A Devastator client: length-prefixed JSON-RPC frames, auth.jwt first."""
 
-    def __init__(self):
-        self.measuring = False
-        self.stopping = False
-        self.errors: list = []  # the first few JSON-RPC error answers, for the report
-        self.error_count = 0
-        self.connection_errors: list[str] = []
+    framing_error = RpcError  # the server broke the framing
 
-    def error(self, where: str, obj) -> None:
-        self.error_count += 1
-        if len(self.errors) < ERRORS_KEPT:
-            self.errors.append((where, obj))
-
-
-class Connection:
-    """One TLS connection and its greenlet; subclasses turn decoded frames into a reply."""
-
-    def __init__(self, run: Run, user: str, token: str, ssl_context: ssl.SSLContext, address):
-        self.run_state = run
-        self.user = user
-        self._token = token
-        self._ssl_context = ssl_context
-        self._address = address
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._decoder = FrameDecoder(DEFAULT_MAX_FRAME_BYTES)
-        self.sock: ssl.SSLSocket | None = None
-        self.connected = gevent.event.Event()
-        self.go = gevent.event.Event()  # authenticate now
-        self.authenticated = gevent.event.Event()
-        self.auth_error = None
-        self.closing = False
+        self.decode = self._decoder.feed
 
-    def _connect(self) -> None:
-        raw = socket.create_connection(self._address, timeout=30)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = self._ssl_context.wrap_socket(raw, server_hostname="localhost")
-        self.sock.settimeout(None)
-
-    def main(self) -> None:
-        """The greenlet: connect, wait for ``go``, authenticate, then serve the socket.
-
-        Only this greenlet writes to the socket, so writes never interleave.
-        """
-        try:
-            self._connect()
-            self.connected.set()
-            self.go.wait()
-            auth = {"jsonrpc": "2.0", "id": "auth", "method": "auth.jwt", "params": {"token": self._token}}
-            body = _dumps(auth)
-            self.sock.sendall(_pack_header(len(body)) + body)
-            self._loop()
-        except (OSError, RpcError) as error:  # RpcError: the server broke the framing
-            if not self.closing:
-                self.run_state.connection_errors.append(f"{self.user}: {type(error).__name__}: {error}")
-        finally:
-            self.connected.set()  # never leave the conductor waiting on a dead connection
-            self.authenticated.set()
-            self.on_closed()
-
-    def _loop(self) -> None:
-        sock = self.sock
-        recv = sock.recv
-        feed = self._decoder.feed
-        while True:
-            data = recv(READ_SIZE)
-            if not data:
-                if not self.closing:
-                    self.run_state.connection_errors.append(f"{self.user}: closed by the server")
-                return
-            frames = feed(data)
-            if frames:
-                out = self.on_frames(frames)
-                if out:
-                    sock.sendall(out)
-                    self.after_write()
+    def hello(self) -> bytes:
+        auth = {"jsonrpc": "2.0", "id": "auth", "method": "auth.jwt", "params": {"token": self._token}}
+        return frame(_dumps(auth))
 
     def _auth_answer(self, obj) -> None:
         if "error" in obj:
@@ -387,40 +248,30 @@ class Connection:
             data = sock.recv(READ_SIZE)
             if not data:
                 raise ConnectionError("closed by the server during auth")
-            for frame in self._decoder.feed(data):
-                obj = _loads(frame)
+            for body in self._decoder.feed(data):
+                obj = _loads(body)
                 if type(obj) is dict and obj.get("id") == "auth":
                     self._auth_answer(obj)
                 else:
                     self.run_state.error(f"{self.user} before auth", obj)
         return self.auth_error is None
 
-    def close(self) -> None:
-        self.closing = True
-        if self.sock is not None:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
 
-    def on_frames(self, frames: list[bytes]) -> bytes | None:
-        raise NotImplementedError
-
-    def after_write(self) -> None:
-        pass
-
-    def on_closed(self) -> None:
-        pass
+def frame(body: bytes) -> bytes:
+    return _pack_header(len(body)) + body
 
 
-class SenderConnection(Connection):
+def ack_body(request_id) -> bytes:
+    return b'{"jsonrpc":"2.0","result":"ACK","id":' + _dumps(request_id) + b"}"
+
+
+class SenderConnection(WindowedSender, Connection):
     """Keeps ``window`` msg.send requests in flight; a new one as each is answered."""
 
-    def __init__(self, *args, recipient: str, window: int, quota: int | None, receipt: bool = False):
-        super().__init__(*args)
+    def __init__(self, *args, recipient: str, window: int, quota: int | None, receipt: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.init_window(window, quota)
         self.recipient = recipient
-        self.window = window
-        self.quota = quota  # None: until the run stops
         # --receipt: each send asks for receipts; the recipient's ACK makes a delivered receipt,
         # which comes back here as a msg.receipt request, checked and ACKed.
         self.receipt = receipt
@@ -432,82 +283,61 @@ class SenderConnection(Connection):
         self.receipt_duplicates = 0
         self.receipt_misaddressed = 0
         self._receipt_id_suffix = ".d." + recipient
-        self.start = gevent.event.Event()
-        self.drained = gevent.event.Event()  # nothing in flight and nothing more to send
-        self.next_n = 0
-        self.in_flight = 0
-        self.ok = 0
-        self.ok_measured = 0
-        self.errors = 0
         self._prefix = (
             b'{"jsonrpc":"2.0","method":"msg.send","params":{"to":'
             + _dumps(recipient)
             + (b',"receipt":true' if receipt else b"")
-            + b',"message":{"n":'
+            + b',"message":'
         )
 
     def _loop(self) -> None:
         if not self._read_auth_answer():
             return
-        self.start.wait()
-        first = self._sends(self.window)
-        if first:
-            self.sock.sendall(first)
-        else:
-            self.drained.set()
+        self.open_window()
         super()._loop()
 
-    def _sends(self, count: int) -> bytes:
-        if self.run_state.stopping:
-            count = 0
-        elif self.quota is not None:
-            count = min(count, self.quota - self.next_n)
-        if count <= 0:
-            return b""
-        # One send time for the whole write: the requests leave together.
-        sent_at = repr(_now()).encode()
-        prefix = self._prefix
-        n = self.next_n
-        parts = []
-        append = parts.append
-        for i in range(n, n + count):
-            body = b'%s%d,"t":%s}},"id":%d}' % (prefix, i, sent_at, i)
-            append(_pack_header(len(body)))
-            append(body)
-        self.next_n = n + count
-        self.in_flight += count
+    def encode_send(self, n: int, sent_at: bytes) -> bytes:
         if self.receipt:
-            self.sent_at.extend([float(sent_at)] * count)
-        return b"".join(parts)
+            self.sent_at.append(float(sent_at))
+        body = b'%s%s},"id":%d}' % (self._prefix, message_json(n, sent_at), n)
+        return _pack_header(len(body)) + body
 
     def on_frames(self, frames):
+        # One write per frame: each answer makes room for the next send at once, and each
+        # receipt is ACKed as it comes. --coalesce: everything this read asked for, in one write.
+        each = not self.coalesce
+        sendall = self.sock.sendall
         answered = ok = 0
-        acks = None
-        for frame in frames:
-            obj = _loads(frame)
+        acks = []
+        for body in frames:
+            obj = _loads(body)
             items = obj if type(obj) is list else (obj,)
             for item in items:
                 if "result" in item:
+                    self.on_accepted(item)
+                    if each:
+                        self.settle(1, 1)
+                        continue
                     answered += 1
                     ok += 1
-                    self.on_accepted(item)
                 elif "error" in item:
-                    answered += 1 if item.get("id") is not None else 0
                     self.on_error(item)
+                    if item.get("id") is not None:
+                        if each:
+                            self.settle(1, 0)
+                            continue
+                        answered += 1
                 elif self.receipt and item.get("method") == "msg.receipt":
                     self.on_receipt(item)
-                    if acks is None:
-                        acks = []
-                    acks.append(b'{"jsonrpc":"2.0","result":"ACK","id":' + _dumps(item["id"]) + b"}")
+                    if each:
+                        sendall(frame(ack_body(item["id"])))
+                    else:
+                        acks.append(ack_body(item["id"]))
                 else:
                     self.run_state.error(f"{self.user} unexpected", item)
-        self.ok += ok
-        if self.run_state.measuring:
-            self.ok_measured += ok
-        self.in_flight -= answered
-        out = self._sends(answered)
-        if not out and self.in_flight <= 0:
-            self.drained.set()
+        if each:
+            return None
+        out = self.settle(answered, ok)
         if acks:
             out = encode_acks(acks) + out
         return out
@@ -555,10 +385,9 @@ class SenderConnection(Connection):
 
 
 def encode_acks(acks: list[bytes]) -> bytes:
-    """ACK responses as frames: one alone, else JSON-RPC batches of at most ACK_BATCH."""
+    """--coalesce: ACK responses as frames: one alone, else JSON-RPC batches of at most ACK_BATCH."""
     if len(acks) == 1:
-        body = acks[0]
-        return _pack_header(len(body)) + body
+        return frame(acks[0])
     parts = []
     for start in range(0, len(acks), ACK_BATCH):
         body = b"[" + b",".join(acks[start:start + ACK_BATCH]) + b"]"
@@ -567,40 +396,23 @@ def encode_acks(acks: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def make_room(seen: bytearray, n: int) -> None:
-    """Grow a bytearray indexed by message number so that ``seen[n]`` exists (doubling: n grows by one)."""
-    if n >= len(seen):
-        seen.extend(bytes(max(n + 1 - len(seen), len(seen))))
+class RecipientConnection(ArrivalChecks, Connection):
+    """ACKs every msg.recv, each in its own write as it is read (--coalesce: one write per read), and checks it."""
 
-
-class RecipientConnection(Connection):
-    """ACKs every msg.recv (one write per read) and checks what arrives."""
-
-    def __init__(self, *args, sender: str):
-        super().__init__(*args)
+    def __init__(self, *args, sender: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.init_arrivals()
         self.sender = sender
-        self.latencies = array.array("d")
-        self.sent_times = array.array("d")  # the "t" of each latency: when it was sent
-        self.distinct = 0
-        self.measured = 0
-        self.duplicates = 0
-        self.out_of_order = 0
-        self.misaddressed = 0
-        self.last_n = -1
-        self.seen = bytearray(1024)  # by n: received already
-        self.expect: int | None = None  # distinct messages to wait for, once known
-        self.done = gevent.event.Event()
-        self.done_at = 0.0
         self._to = self.user
 
     def on_frames(self, frames):
         now = _now()
         measuring = self.run_state.measuring
-        latencies = self.latencies
+        each = not self.coalesce
+        sendall = self.sock.sendall
         acks = []
-        ack = acks.append
-        for frame in frames:
-            obj = _loads(frame)
+        for body in frames:
+            obj = _loads(body)
             items = obj if type(obj) is list else (obj,)
             for item in items:
                 if item.get("method") != "msg.recv":
@@ -615,37 +427,15 @@ class RecipientConnection(Connection):
                 if params["to"] != self._to or params["from"] != self.sender:
                     self.misaddressed += 1
                 else:
-                    message = params["message"]
-                    n = message["n"]
-                    seen = self.seen
-                    make_room(seen, n)
-                    if n > self.last_n:
-                        self.last_n = n
-                        seen[n] = 1
-                        self.distinct += 1
-                        if measuring:
-                            self.measured += 1
-                            latencies.append(now - message["t"])
-                            self.sent_times.append(message["t"])
-                    elif seen[n]:
-                        self.duplicates += 1
-                    else:
-                        self.out_of_order += 1
-                        seen[n] = 1
-                        self.distinct += 1
-                ack(b'{"jsonrpc":"2.0","result":"ACK","id":' + _dumps(item["id"]) + b"}")
-        if not acks:
-            return None
-        return encode_acks(acks)
+                    self.arrived(params["message"], now, measuring)
+                if each:
+                    sendall(frame(ack_body(item["id"])))
+                else:
+                    acks.append(ack_body(item["id"]))
+        return encode_acks(acks) if acks else None
 
-    def after_write(self) -> None:
-        if self.expect is not None and not self.done.is_set() and self.distinct >= self.expect:
-            self.done_at = _now()
-            self.done.set()
-
-    def set_expect(self, count: int) -> None:
-        self.expect = count
-        self.after_write()
+    def after_frames(self) -> None:
+        self.arrivals_written()
 
     def on_closed(self) -> None:
         self.done.set()
@@ -658,19 +448,13 @@ class IdleConnection(Connection):
     """Authenticates, then sits: what one connected device costs the server at rest."""
 
     def on_frames(self, frames):
-        for frame in frames:
-            obj = _loads(frame)
+        for body in frames:
+            obj = _loads(body)
             if type(obj) is dict and obj.get("id") == "auth":
                 self._auth_answer(obj)
             else:
                 self.run_state.error(f"{self.user} unexpected", obj)
         return None
-
-
-def mark(seen: bytearray, n: int) -> None:
-    """Set ``seen[n]`` (n: a message's number, dense from 0)."""
-    make_room(seen, n)
-    seen[n] = 1
 
 
 def missing(answered: bytearray, received: bytearray) -> int:
@@ -719,14 +503,14 @@ class PacedSender(Connection):
     the wait counts in its latency.
     """
 
-    def __init__(self, *args, recipient: str, rate: float):
-        super().__init__(*args)
+    def __init__(self, *args, recipient: str, rate: float, **kwargs):
+        super().__init__(*args, **kwargs)
         self.interval = 1.0 / rate
         self.accepted = bytearray()
         self.ok = self.shed = self.errors = 0
         self._answer: gevent.event.AsyncResult | None = None
         self._prefix = (
-            b'{"jsonrpc":"2.0","method":"msg.send","params":{"to":' + _dumps(recipient) + b',"message":{"n":'
+            b'{"jsonrpc":"2.0","method":"msg.send","params":{"to":' + _dumps(recipient) + b',"message":'
         )
 
     def _loop(self) -> None:
@@ -742,7 +526,7 @@ class PacedSender(Connection):
                 first = repr(_now()).encode()
                 while not self.run_state.stopping:
                     self._answer = gevent.event.AsyncResult()
-                    body = b'%s%d,"t":%s}},"id":%d}' % (self._prefix, n, first, n)
+                    body = b'%s%s},"id":%d}' % (self._prefix, message_json(n, first), n)
                     self.sock.sendall(_pack_header(len(body)) + body)
                     wait = self._answer.get()  # None: stored; else seconds to wait before sending it again
                     if wait is None:
@@ -754,8 +538,8 @@ class PacedSender(Connection):
             return  # the reading greenlet reports the connection's end
 
     def on_frames(self, frames):
-        for frame in frames:
-            obj = _loads(frame)
+        for body in frames:
+            obj = _loads(body)
             for item in obj if type(obj) is list else (obj,):
                 if "result" in item:
                     self.ok += 1
@@ -788,39 +572,75 @@ def wait_all(events, timeout: float, what: str) -> None:
 def check_auth(connections) -> None:
     for connection in connections:
         if connection.auth_error is not None:
-            raise BenchError(f"auth.jwt of {connection.user} failed: {connection.auth_error}")
+            raise BenchError(f"{connection.user} was refused: {connection.auth_error}")
         if not connection.authenticated.is_set() or connection.sock is None:
             raise BenchError(f"{connection.user} could not connect")
 
 
-def percentile_ms(sorted_values, q: float) -> float | None:
-    if not sorted_values:
-        return None
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))] * 1000
+class DevastatorTarget:
+    """What the conductor needs of a Devastator server: its address, pid, users, and its clients' classes."""
 
+    name = "devastator"
+    sender_class = SenderConnection
+    recipient_class = RecipientConnection
+    idle_class = IdleConnection
 
-def per_msg_us(seconds: float | None, count: int) -> float | None:
-    if seconds is None or not count:
-        return None
-    return seconds / count * 1e6
+    def __init__(self, settings, address, server_pid: int | None, server: ServerProcess | None):
+        self.settings = settings
+        self.address = address
+        self.pid = server_pid
+        self.server = server
+        self.ssl_context = ssl.create_default_context(cafile=str(settings.data_dir / "ca.pem"))
+
+    def credentials(self, users: list[str]) -> dict[str, str]:
+        return mint_tokens(self.settings, users)
+
+    def prepare_offline(self, bench: "Bench") -> None:
+        """Nothing: a user's device is registered, so messages to it wait in its mailbox."""
+
+    def wait_retired(self, bench: "Bench", timeout: float) -> int | None:
+        """Until the server has applied the drain's ACKs (no pending rows left); the rows left."""
+        users = [recipient for _, recipient in bench.pairs]
+        deadline = time.monotonic() + timeout
+        left = None
+        while True:
+            try:
+                left = pending_count(self.settings, users)
+            except sqlite3.Error:
+                left = None
+            if left == 0 or time.monotonic() > deadline:
+                return left
+            gevent.sleep(0.05)
+
+    def overload_figures(self, run: Run) -> dict | None:
+        """What the server counted (its /debug/vars "overload"), when the bench started it."""
+        if self.server is None:
+            return None
+        url = f"http://{self.server.host}:{self.server.http_port}/debug/vars"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                return _loads(answer.read()).get("overload")
+        except OSError as error:
+            run.connection_errors.append(f"{url}: {error}")
+            return None
 
 
 class Bench:
-    def __init__(self, args, settings, address, server_pid: int | None, server: ServerProcess | None):
+    """The conductor: one load, the same for every target (Devastator here, Mosquitto in bench/mosquitto.py)."""
+
+    def __init__(self, args, target):
         self.args = args
-        self.settings = settings
-        self.data_dir = data_dir = settings.data_dir
-        self.address = address
-        self.server_pid = server_pid
-        self.server = server
+        self.target = target
+        self.address = target.address
+        self.server_pid = target.pid
+        self.ssl_context = target.ssl_context
         self.run = Run()
         self.group = Group()
         self.tag = tag = secrets.token_hex(3)  # fresh users each run, also against a long-running server
         self.pairs = [(f"bench-{tag}-s{i}", f"bench-{tag}-r{i}") for i in range(args.pairs)]
-        self.idle: list[IdleConnection] = []
-        self.ssl_context = ssl.create_default_context(cafile=str(data_dir / "ca.pem"))
-        self.senders: list[SenderConnection] = []
-        self.recipients: list[RecipientConnection] = []
+        self.idle: list = []
+        self.senders: list = []
+        self.recipients: list = []
         # --overload: bystanders (paced senders) and flooders, each pair with its recipient.
         self.bystanders: list[PacedSender] = []
         self.bystander_recipients: list[RecipientConnection] = []
@@ -836,15 +656,16 @@ class Bench:
 
     def setup(self, quotas: list[int] | None) -> None:
         users = [user for pair in self.pairs for user in pair]
-        tokens = mint_tokens(self.settings, users)
-        args = self.args
+        tokens = self.target.credentials(users)
+        args, target = self.args, self.target
         for i, (sender, recipient) in enumerate(self.pairs):
-            self.recipients.append(self._open(RecipientConnection(
-                self.run, recipient, tokens[recipient], self.ssl_context, self.address, sender=sender)))
-            self.senders.append(self._open(SenderConnection(
+            self.recipients.append(self._open(target.recipient_class(
+                self.run, recipient, tokens[recipient], self.ssl_context, self.address, sender=sender,
+                coalesce=args.coalesce)))
+            self.senders.append(self._open(target.sender_class(
                 self.run, sender, tokens[sender], self.ssl_context, self.address,
                 recipient=recipient, window=args.window, quota=None if quotas is None else quotas[i],
-                receipt=getattr(args, "receipt", False))))
+                receipt=getattr(args, "receipt", False), coalesce=args.coalesce)))
         wait_all([c.connected for c in self.senders + self.recipients], 60, "TLS connections")
 
     def authenticate(self, connections) -> None:
@@ -889,7 +710,7 @@ class Bench:
         delivered = sum(r.measured for r in self.recipients)
         sent = sum(s.ok_measured for s in self.senders)
         rss = process_rss_mb(self.server_pid)
-        receipts = sum(s.receipts_measured for s in self.senders)
+        receipts = sum(s.receipts_measured for s in self.senders) if args.receipt else 0
         self.finish_sending()
         self.wait_delivered(args.grace)
         if args.receipt:
@@ -900,6 +721,7 @@ class Bench:
             "pairs": args.pairs,
             "window": args.window,
             "receipt": args.receipt,
+            "coalesce": args.coalesce,
             "duration": round(meter.wall, 3),
             "delivered": delivered,
             "delivered_per_s": round(delivered / meter.wall, 1),
@@ -929,6 +751,7 @@ class Bench:
         args = self.args
         base, extra = divmod(args.messages, args.pairs)
         quotas = [base + (1 if i < extra else 0) for i in range(args.pairs)]
+        self.target.prepare_offline(self)
         self.setup(quotas)
         self.authenticate(self.senders)
         fill = CpuMeter(self.server_pid)
@@ -955,7 +778,7 @@ class Bench:
         drain_wall = drained_at - drain.started
         # Until the server has applied the ACKs (its pending rows are gone), so the
         # CPU counted is all the work the drain cost it.
-        retired = self._wait_retired(args.grace)
+        retired = self.target.wait_retired(self, args.grace)
         drain.stop()
         rss = process_rss_mb(self.server_pid)
         delivered = sum(r.distinct for r in self.recipients)
@@ -963,6 +786,7 @@ class Bench:
             "mode": "offline",
             "pairs": args.pairs,
             "window": args.window,
+            "coalesce": args.coalesce,
             "duration": round(drain_wall, 3),
             "delivered": delivered,
             "delivered_per_s": round(delivered / drain_wall, 1) if drain_wall > 0 else None,
@@ -985,11 +809,11 @@ class Bench:
     def run_idle(self) -> dict:
         """Server memory per authenticated, idle connection."""
         users = [f"bench-{self.tag}-idle{i}" for i in range(self.args.connections)]
-        tokens = mint_tokens(self.settings, users)
+        tokens = self.target.credentials(users)
         gevent.sleep(1)  # let the server settle before the baseline
         before = process_rss_mb(self.server_pid)
         for start in range(0, len(users), 200):  # in steps, not one accept storm
-            step = [self._open(IdleConnection(self.run, user, tokens[user], self.ssl_context, self.address))
+            step = [self._open(self.target.idle_class(self.run, user, tokens[user], self.ssl_context, self.address))
                     for user in users[start:start + 200]]
             wait_all([c.connected for c in step], 60, "TLS connections")
             self.authenticate(step)
@@ -1012,18 +836,20 @@ class Bench:
         args = self.args
         bystanders = [(f"bench-{self.tag}-b{i}", f"bench-{self.tag}-br{i}") for i in range(args.pairs)]
         flood = [(f"bench-{self.tag}-f{i}", f"bench-{self.tag}-fr{i}") for i in range(args.flooders)]
-        tokens = mint_tokens(self.settings, [user for pair in bystanders + flood for user in pair])
+        tokens = self.target.credentials([user for pair in bystanders + flood for user in pair])
 
         def open_connection(kind, user, **options):
             return self._open(kind(self.run, user, tokens[user], self.ssl_context, self.address, **options))
 
         for sender, recipient in bystanders:
-            self.bystander_recipients.append(open_connection(RecipientConnection, recipient, sender=sender))
+            self.bystander_recipients.append(open_connection(RecipientConnection, recipient, sender=sender,
+                                                             coalesce=args.coalesce))
             self.bystanders.append(open_connection(PacedSender, sender, recipient=recipient, rate=args.rate))
         for sender, recipient in flood:
-            self.flood_recipients.append(open_connection(RecipientConnection, recipient, sender=sender))
+            self.flood_recipients.append(open_connection(RecipientConnection, recipient, sender=sender,
+                                                         coalesce=args.coalesce))
             self.flooders.append(open_connection(FloodSender, sender, recipient=recipient, window=args.window,
-                                                 quota=None))
+                                                 quota=None, coalesce=args.coalesce))
         recipients = self.bystander_recipients + self.flood_recipients
         wait_all([c.connected for c in recipients + self.bystanders + self.flooders], 60, "TLS connections")
         self.authenticate(recipients)
@@ -1044,7 +870,7 @@ class Bench:
         per_second = self._server_cores_per_second(args.duration)
         flooded.stop()
         rss = process_rss_mb(self.server_pid)
-        server_figures = self._server_overload_figures()
+        server_figures = self.target.overload_figures(self.run)
         self.run.stopping = True
         wait_all([f.drained for f in self.flooders], 60, "the answers to the flood's sends in flight")
         pacers.join(timeout=60)
@@ -1111,35 +937,13 @@ class Bench:
             last_at, last = at, cpu
         return cores
 
-    def _server_overload_figures(self) -> dict | None:
-        """What the server counted (its /debug/vars "overload"), when the bench started it."""
-        if self.server is None:
-            return None
-        url = f"http://{self.server.host}:{self.server.http_port}/debug/vars"
-        try:
-            with urllib.request.urlopen(url, timeout=10) as answer:
-                return _loads(answer.read()).get("overload")
-        except OSError as error:
-            self.run.connection_errors.append(f"{url}: {error}")
-            return None
-
-    def _wait_retired(self, timeout: float) -> int | None:
-        users = [recipient for _, recipient in self.pairs]
-        deadline = time.monotonic() + timeout
-        left = None
-        while True:
-            try:
-                left = pending_count(self.settings, users)
-            except sqlite3.Error:
-                left = None
-            if left == 0 or time.monotonic() > deadline:
-                return left
-            gevent.sleep(0.05)
-
     def _cpu_fields(self, meter: CpuMeter, delivered: int, rss) -> dict:
         return {
             "server_cpu_us_per_msg": _round(per_msg_us(meter.server, delivered), 1),
             "server_cpu_cores": _round(None if meter.server is None else meter.server / meter.wall, 2),
+            # How much more it would have run: on a busy machine, the CPU it waited for.
+            "server_runqueue_cores": _round(
+                None if meter.server_waited is None else meter.server_waited / meter.wall, 2),
             "server_sys_us_per_msg": _round(per_msg_us(meter.server_sys, delivered), 1),
             "bench_cpu_us_per_msg": _round(per_msg_us(meter.own, delivered), 1),
             "bench_cpu_cores": round(meter.own / meter.wall, 2),
@@ -1169,14 +973,10 @@ class Bench:
         self.group.kill(timeout=5)
 
 
-def _round(value, digits):
-    return None if value is None else round(value, digits)
-
-
 # -- reporting -----------------------------------------------------------------------
 
 
-def summary(result: dict, run: Run) -> str:
+def summary(result: dict, run: Run, name: str = "devastator") -> str:
     def fmt(value, unit="", digits=1):
         if value is None:
             return "n/a"
@@ -1186,16 +986,17 @@ def summary(result: dict, run: Run) -> str:
         return overload_summary(result, run, fmt)
     if result["mode"] == "idle":
         lines = [
-            f"devastator bench: mode=idle connections={result['connections']}",
+            f"{name} bench: mode=idle connections={result['connections']}",
             f"  server RSS      {fmt(result['server_rss_before_mb'], ' MB')} before,"
             f" {fmt(result['server_rss_after_mb'], ' MB')} with every connection authenticated:"
             f" {fmt(result['server_kb_per_connection'], ' kB')} per connection",
-            f"  checks          RPC errors {result['rpc_errors']}, connection errors {result['connection_errors']}",
+            f"  checks          {'errors' if name == 'mosquitto' else 'RPC errors'} {result['rpc_errors']},"
+            f" connection errors {result['connection_errors']}",
         ]
         lines += [f"  connection      {problem}" for problem in run.connection_errors[:ERRORS_KEPT]]
         return "\n".join(lines)
-    lines = [f"devastator bench: mode={result['mode']} pairs={result['pairs']} window={result['window']}"
-             + (" receipt" if result.get("receipt") else "")]
+    lines = [f"{name} bench: mode={result['mode']} pairs={result['pairs']} window={result['window']}"
+             + (" receipt" if result.get("receipt") else "") + (" coalesce" if result.get("coalesce") else "")]
     if result["mode"] == "online":
         lines += [
             f"  measured        {fmt(result['duration'], ' s', 2)}",
@@ -1221,8 +1022,13 @@ def summary(result: dict, run: Run) -> str:
             f" bench {fmt(result['fill_bench_cpu_us_per_msg'], ' us/msg')})",
             f"  drain           {fmt(result['delivered'])} received and ACKed in {fmt(result['drain_s'], ' s', 2)}:"
             f" {fmt(result['drain_per_s'], '/s')}",
-            f"  server pending  {fmt(result['server_pending_after_drain'])} rows left after the drain",
         ]
+        if name == "mosquitto":
+            applied = result["server_pending_after_drain"] == 0
+            lines.append("  server pending  " + ("none: a PINGRESP came after the last PUBACK on each connection"
+                                                 if applied else "not known: no PINGRESP"))
+        else:
+            lines.append(f"  server pending  {fmt(result['server_pending_after_drain'])} rows left after the drain")
     lines += [
         f"  server CPU      {fmt(result['server_cpu_us_per_msg'], ' us/msg')}"
         f" (of which system {fmt(result['server_sys_us_per_msg'], ' us')};"
@@ -1231,8 +1037,8 @@ def summary(result: dict, run: Run) -> str:
         f" ({fmt(result['bench_cpu_cores'], ' cores', 2)})",
         f"  checks          sent ok {fmt(result['sent_ok'])}, received {fmt(result['received_distinct'])},"
         f" lost {result['lost']}, duplicates {result['duplicates']}, out of order {result['out_of_order']},"
-        f" misaddressed {result['misaddressed']}, RPC errors {result['rpc_errors']},"
-        f" connection errors {result['connection_errors']}",
+        f" misaddressed {result['misaddressed']}, {'errors' if name == 'mosquitto' else 'RPC errors'}"
+        f" {result['rpc_errors']}, connection errors {result['connection_errors']}",
     ]
     for where, obj in run.errors:
         lines.append(f"  error           {where}: {_dumps(obj).decode()[:300]}")
@@ -1287,6 +1093,107 @@ def failed(result: dict) -> bool:
     )
 
 
+# -- beside a peer ---------------------------------------------------------------------
+
+# The figures set side by side, per mode, and how each reads: True where more is better.
+PEER_FIGURES = {
+    "online": [
+        ("delivered_per_s", "delivered", "/s", True),
+        ("server_cpu_us_per_msg", "server CPU", " us/msg", False),
+        ("server_sys_us_per_msg", "  of which system", " us/msg", False),
+        ("server_cpu_cores", "server cores", "", False),
+        ("server_runqueue_cores", "  waiting for a CPU", " cores", False),
+        ("p50_ms", "latency p50", " ms", False),
+        ("p99_ms", "latency p99", " ms", False),
+        ("server_rss_mb", "server RSS", " MB", False),
+        ("bench_cpu_us_per_msg", "bench CPU", " us/msg", False),
+    ],
+    "offline": [
+        ("fill_per_s", "fill", "/s", True),
+        ("fill_server_cpu_us_per_msg", "fill server CPU", " us/msg", False),
+        ("drain_per_s", "drain", "/s", True),
+        ("server_cpu_us_per_msg", "drain server CPU", " us/msg", False),
+        ("server_cpu_cores", "drain server cores", "", False),
+        ("server_runqueue_cores", "  waiting for a CPU", " cores", False),
+        ("server_rss_mb", "server RSS", " MB", False),
+        ("bench_cpu_us_per_msg", "drain bench CPU", " us/msg", False),
+    ],
+    "idle": [
+        ("server_kb_per_connection", "memory per connection", " kB", False),
+        ("server_rss_before_mb", "server RSS before", " MB", False),
+        ("server_rss_after_mb", "server RSS after", " MB", False),
+    ],
+}
+# The run's shape, the same in every round.
+CONFIG_KEYS = ("pairs", "window", "connections", "messages", "flooders", "rate")
+# One Python process drives the load: near a whole core, it rather than the server sets the pace.
+BENCH_BOUND_CORES = 0.85
+# Counts that a failed check shows in: over several rounds they add up, never a median.
+CHECK_KEYS = ("lost", "duplicates", "out_of_order", "misaddressed", "rpc_errors", "connection_errors",
+              "send_errors", "sent_ok", "received_distinct", "delivered")
+
+
+def merge_rounds(results: list[dict]) -> dict:
+    """One result of several rounds: medians of the figures, sums of the checks' counts."""
+    if len(results) == 1:
+        return dict(results[0])
+    merged = {}
+    for key, value in results[0].items():
+        values = [result.get(key) for result in results]
+        if key in CONFIG_KEYS:
+            merged[key] = value
+        elif key in CHECK_KEYS and all(isinstance(v, int) for v in values):
+            merged[key] = sum(values)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            merged[key] = round(statistics.median(values), 3)
+        elif key == "server_pending_after_drain":
+            merged[key] = None if None in values else max(values)
+        else:
+            merged[key] = value
+    merged["rounds"] = len(results)
+    return merged
+
+
+def ratio(ours, theirs) -> float | None:
+    if ours is None or theirs is None or not theirs:
+        return None
+    return round(ours / theirs, 3)
+
+
+def peer_ratios(mode: str, ours: dict, theirs: dict, rounds: list[tuple[dict, dict]]) -> dict:
+    """Devastator / peer for each figure: of the medians, and (several rounds) the median of each round's."""
+    ratios = {}
+    for key, *_ in PEER_FIGURES[mode]:
+        ratios[key] = ratio(ours.get(key), theirs.get(key))
+        if len(rounds) > 1:
+            paired = [r for r in (ratio(a.get(key), b.get(key)) for a, b in rounds) if r is not None]
+            ratios[key + "_paired"] = round(statistics.median(paired), 3) if paired else None
+    return ratios
+
+
+def peer_summary(mode: str, peer: str, ours: dict, theirs: dict, ratios: dict, rounds: int) -> str:
+    def fmt(value, unit):
+        return "n/a" if value is None else f"{value:,.2f}{unit}" if value < 100 else f"{value:,.0f}{unit}"
+
+    title = f"devastator / {peer}" + (f" (medians of {rounds} rounds)" if rounds > 1 else "")
+    lines = [f"{title}: mode={mode}", f"  {'':24}{'devastator':>16}{peer:>16}{'ratio':>9}"
+             + ("  paired" if rounds > 1 else "")]
+    for key, label, unit, _ in PEER_FIGURES[mode]:
+        value = ratios.get(key)
+        line = (f"  {label:24}{fmt(ours.get(key), unit):>16}{fmt(theirs.get(key), unit):>16}"
+                f"{'n/a' if value is None else f'{value:.2f}x':>9}")
+        if rounds > 1:
+            paired = ratios.get(key + "_paired")
+            line += f"  {'n/a' if paired is None else f'{paired:.2f}x'}"
+        lines.append(line)
+    for name, result in (("devastator", ours), (peer, theirs)):
+        cores = result.get("bench_cpu_cores")
+        if cores is not None and cores >= BENCH_BOUND_CORES:
+            lines.append(f"  note: the bench used {cores:.2f} cores with {name}: its own CPU, not {name}'s,"
+                         " may have set that rate")
+    return "\n".join(lines)
+
+
 # -- entry point -----------------------------------------------------------------------
 
 
@@ -1310,6 +1217,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="overload: msg.send per second of each bystander, one at a time (20)")
     parser.add_argument("--receipt", action="store_true",
                         help="online: every send asks for receipts; senders check and ACK the delivered receipts")
+    parser.add_argument("--coalesce", action="store_true",
+                        help="write what one read made room for at once: sends in one write, ACKs in JSON-RPC"
+                             " batches of 100 (default: each send and each ACK its own frame and write)")
+    parser.add_argument("--peer", choices=("mosquitto",),
+                        help="also run the same load against a Mosquitto of the bench's own, after Devastator,"
+                             " and report both and their ratio (online, offline, idle)")
+    parser.add_argument("--mosquitto", default=DEFAULT_MOSQUITTO, help=f"with --peer: its binary ({DEFAULT_MOSQUITTO})")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs of each server, alternating (A B, B A, ...); medians reported (1)")
     parser.add_argument("--json", action="store_true", help="also print one JSON line of results")
     parser.add_argument("--host", default="127.0.0.1", help="address of the server (127.0.0.1)")
     parser.add_argument("--keep-data", action="store_true", help="keep the temporary data dir and server log")
@@ -1335,22 +1251,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--server-data-dir and --tls-port go together")
     if args.receipt and args.mode != "online":
         parser.error("--receipt goes with --mode online")
+    if args.peer and args.mode not in PEER_FIGURES:
+        parser.error(f"--peer goes with --mode {', '.join(PEER_FIGURES)}")
+    if args.peer and args.receipt:
+        parser.error("--peer goes without --receipt (MQTT has no delivery receipts)")
+    if args.peer == "mosquitto" and not os.access(args.mosquitto, os.X_OK):
+        parser.error(f"--peer mosquitto: {args.mosquitto} is not there (Debian's package: apt-get install mosquitto)")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.server_root.resolve() != ROOT:
         parser.error("--server-root must be given on the command line (it is read before the package is imported)")
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    main_greenlet = gevent.getcurrent()
-    gevent.signal_handler(signal.SIGTERM, lambda: main_greenlet.throw(SystemExit(128 + signal.SIGTERM)))
-    # Ctrl-C still reaches the main greenlet; the hub need not print a traceback for it.
-    hub = gevent.get_hub()
-    hub.NOT_ERROR = (*hub.NOT_ERROR, KeyboardInterrupt)
-    server = None
-    tmp_dir = None
-    bench = None
-    status = 1
+def bench_devastator(args) -> tuple[dict, Run, bool]:
+    """One run against Devastator: (result, run, whether the server stopped cleanly)."""
+    server = tmp_dir = bench = None
+    clean = kept = True
     try:
         # A key prefix of its own: a shared Redis keeps the runs apart, and counts stay ours.
         env = {**({} if args.mode == "overload" else CAPACITY_SETTINGS), **os.environ,
@@ -1367,25 +1284,14 @@ def main(argv=None) -> int:
             data_dir, server_pid = tmp_dir, server.pid
             address = (args.host, server.tls_port)
             print(f"bench: server pid {server.pid} on TLS port {server.tls_port}, data {tmp_dir}", file=sys.stderr)
-        bench = Bench(args, store_settings(data_dir, env), address, server_pid, server)
-        runs = {"online": bench.run_online, "offline": bench.run_offline, "idle": bench.run_idle,
-                "overload": bench.run_overload}
-        result = runs[args.mode]()
+        settings = store_settings(data_dir, env)
+        bench = Bench(args, DevastatorTarget(settings, address, server_pid, server))
+        result = run_mode(bench, args)
         if server is not None and not server.alive():
             bench.run.connection_errors.append("the server process died")
             result["connection_errors"] += 1
-        print(summary(result, bench.run))
-        if args.json:
-            print(_dumps(result).decode())
-        status = 1 if failed(result) else 0
-    except BenchError as error:
-        print(f"bench: {error}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        status = 130
-    except SystemExit as stop:
-        print("bench: terminated", file=sys.stderr)
-        status = stop.code if isinstance(stop.code, int) else 1
+        kept = args.keep_data or failed(result)
+        return result, bench.run, clean
     finally:
         if bench is not None:
             bench.close()
@@ -1394,12 +1300,97 @@ def main(argv=None) -> int:
             if code not in (0, None):
                 print(f"bench: the server exited with status {code}; log tail:\n{server.log_tail()}",
                       file=sys.stderr)
-                status = status or 1
+                clean = False
         if tmp_dir is not None:
-            if args.keep_data or status == 1:
+            if kept or not clean:
                 print(f"bench: data and server log kept in {tmp_dir}", file=sys.stderr)
             else:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def bench_mosquitto(args) -> tuple[dict, Run, bool]:
+    """The same load against a Mosquitto of our own (bench/mosquitto.py): (result, run, stopped cleanly)."""
+    tmp_dir = Path(tempfile.mkdtemp(prefix="devastator-bench-mosquitto-"))
+    broker = MosquittoProcess(tmp_dir, args.host, executable=args.mosquitto)
+    bench = None
+    clean = kept = True
+    try:
+        broker.start()
+        print(f"bench: mosquitto pid {broker.pid} on TLS port {broker.port}, data {tmp_dir}", file=sys.stderr)
+        bench = Bench(args, MosquittoTarget(broker))
+        result = run_mode(bench, args)
+        if not broker.alive():
+            bench.run.connection_errors.append("the mosquitto process died")
+            result["connection_errors"] += 1
+        kept = args.keep_data or failed(result)
+        return result, bench.run, clean
+    finally:
+        if bench is not None:
+            bench.close()
+        code = broker.stop()
+        if code not in (0, None):
+            print(f"bench: mosquitto exited with status {code}; log tail:\n{broker.log_tail()}", file=sys.stderr)
+            clean = False
+        if kept or not clean:
+            print(f"bench: mosquitto's config, data and log kept in {tmp_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def run_mode(bench: Bench, args) -> dict:
+    runs = {"online": bench.run_online, "offline": bench.run_offline, "idle": bench.run_idle,
+            "overload": bench.run_overload}
+    return runs[args.mode]()
+
+
+BENCHES = {"devastator": bench_devastator, "mosquitto": bench_mosquitto}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    main_greenlet = gevent.getcurrent()
+    gevent.signal_handler(signal.SIGTERM, lambda: main_greenlet.throw(SystemExit(128 + signal.SIGTERM)))
+    # Ctrl-C still reaches the main greenlet; the hub need not print a traceback for it.
+    hub = gevent.get_hub()
+    hub.NOT_ERROR = (*hub.NOT_ERROR, KeyboardInterrupt)
+    status = 1
+    try:
+        names = ["devastator"] + ([args.peer] if args.peer else [])
+        results: dict[str, list[dict]] = {name: [] for name in names}
+        status = 0
+        for round_number in range(args.rounds):
+            # One server after the other, never both at once; the order flipped every round
+            # so that a machine getting busier or quieter weighs on both alike.
+            for name in names if round_number % 2 == 0 else names[::-1]:
+                result, run, clean = BENCHES[name](args)
+                results[name].append(result)
+                if len(names) > 1 or args.rounds > 1:
+                    print(f"-- round {round_number + 1} of {args.rounds}: {name}")
+                print(summary(result, run, name))
+                if failed(result) or not clean:
+                    status = 1
+        ours = merge_rounds(results["devastator"])
+        if args.peer:
+            theirs = merge_rounds(results[args.peer])
+            ratios = peer_ratios(args.mode, ours, theirs, list(zip(results["devastator"], results[args.peer])))
+            print(peer_summary(args.mode, args.peer, ours, theirs, ratios, args.rounds))
+            ours = {**ours, "peer": {"name": args.peer, **theirs}, "ratios": ratios}
+        elif args.rounds > 1:
+            print(f"devastator: medians of {args.rounds} rounds: " + ", ".join(
+                f"{key} {ours.get(key)}" for key, *_ in PEER_FIGURES.get(args.mode, ())))
+        if args.rounds > 1:
+            ours["runs"] = results
+        if args.json:
+            print(_dumps(ours).decode())
+    except BenchError as error:
+        print(f"bench: {error}", file=sys.stderr)
+        status = 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        status = 130
+    except SystemExit as stop:
+        print("bench: terminated", file=sys.stderr)
+        status = stop.code if isinstance(stop.code, int) else 1
     return status
 
 
