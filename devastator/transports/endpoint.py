@@ -1,9 +1,10 @@
 """What both endpoints share: their listener, live connections and writer greenlets.
 
 A connection's life is the same on either endpoint: a bounded outbound queue
-(its writer greenlets belong to the endpoint's group), a device actor, a read loop; when the loop ends the
-device actor is told why, and what was queued is written before the socket
-shuts.
+(its writer greenlets belong to the endpoint's group), a device actor, a reader
+(a loop in the connection's greenlet, or on TLS reads on demand: tls.py); when
+the input ends the device actor is told why, and what was queued is written
+before the socket shuts.
 """
 from __future__ import annotations
 
@@ -106,10 +107,24 @@ class Endpoint:
         While the server is overloaded, a new connection is told so
         (``conn.close`` 1013) and closed: it gets no device actor.
         """
+        opened = self._open(outbound, read)
+        if opened is None:
+            return
+        device, forward = opened
+        reason = "closed by peer"
+        try:
+            reason = read(forward)
+        except pykka.ActorDeadError:
+            reason = "device actor stopped"
+        finally:
+            self._end(outbound, device, reason)
+
+    def _open(self, outbound: OutboundQueue, read: Callable[[Forward], str]) -> tuple[pykka.ActorRef, Forward] | None:
+        """A served connection's device actor and ``forward`` (see _serve); None once turned away."""
         refusal = self._admission.refuse_connection() if self._admission is not None else None
         if refusal is not None:
             self._turn_away(outbound, read, refusal)
-            return
+            return None
         self._connections.add(outbound)
         self._telemetry.connections_opened[self.transport] += 1
         device = self._new_device(outbound)
@@ -129,20 +144,18 @@ class Endpoint:
                     raise pykka.ActorDeadError(f"{device} stopped")
             device.tell(Received(bodies, credits.release, violation, pause))
 
-        reason = "closed by peer"
-        try:
-            reason = read(forward)
-        except pykka.ActorDeadError:
-            reason = "device actor stopped"
-        finally:
-            outbound.peer_done()
-            self._connections.discard(outbound)
-            self._telemetry.connections_closed[self.transport] += 1
-            if outbound.slow_consumer:
-                self._telemetry.slow_consumers += 1
-            tell_if_alive(device, ConnectionLost(reason))  # it may have stopped (server stopping)
-            outbound.close()
-            outbound.wait_closed(timeout=WRITER_DRAIN_SECONDS)
+        return device, forward
+
+    def _end(self, outbound: OutboundQueue, device: pykka.ActorRef, reason: str) -> None:
+        """The connection's input has ended: tell its device actor why, and write what is queued."""
+        outbound.peer_done()
+        self._connections.discard(outbound)
+        self._telemetry.connections_closed[self.transport] += 1
+        if outbound.slow_consumer:
+            self._telemetry.slow_consumers += 1
+        tell_if_alive(device, ConnectionLost(reason))  # it may have stopped (server stopping)
+        outbound.close()
+        outbound.wait_closed(timeout=WRITER_DRAIN_SECONDS)
 
     def _turn_away(self, outbound: OutboundQueue, read: Callable[[Forward], str], overloaded: str) -> None:
         outbound.close(CLOSE_OVERLOADED, f"overloaded ({overloaded}): try again later")

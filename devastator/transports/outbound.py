@@ -38,6 +38,13 @@ CLOSE_SLOW_CONSUMER = 4004
 
 
 class OutboundQueue:
+    # One per connection, so no instance dict (a few hundred bytes each over thousands of connections).
+    __slots__ = (
+        "_write", "_shut", "_half_close", "_closing_handshake", "_spawn", "_max_bytes", "remote", "peer_identity",
+        "_queued", "_queued_bytes", "_writer", "_closing", "_close_code", "_close_reason", "_shut_done",
+        "_peer_done", "_drained_bytes", "slow_consumer", "close_code", "__weakref__",
+    )
+
     def __init__(
         self,
         *,
