@@ -15,6 +15,10 @@ backoff, whenever the connection drops::
     client.signal("bob", {"typing": True})
     page = client.history("bob", limit=20)  # {"messages": [...], "more": bool}
 
+The JSON-RPC bookkeeping (request ids, answers matched to them, the server's
+requests passed on, ACK bytes, ``conn.close``) is the client half of the
+connection session, ``protocol.session.ClientSession``.
+
 Messages, receipts and signals wait in three queues (``messages``,
 ``receipts``, ``signals``); a ``msg.recv`` whose ``from`` is this client's own
 user is a copy of a message sent from another of its devices.
@@ -22,7 +26,6 @@ user is a copy of a message sent from another of its devices.
 from __future__ import annotations
 
 import collections
-import itertools
 import queue
 import socket
 import ssl
@@ -33,20 +36,9 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import orjson
 
-from .protocol import (
-    Batch,
-    ErrorResponse,
-    FrameDecoder,
-    Invalid,
-    Notification,
-    Request,
-    Response,
-    decode,
-    encode,
-    encode_batch,
-    encode_frames,
-)
+from .protocol import FrameDecoder, Notification, Request, encode_frames
 from .protocol.errors import RpcError
+from .protocol.session import DELIVERY_METHODS, Answer, ClientSession, CloseNotice
 
 SEEN_IDS_KEPT = 100_000
 RECONNECT_FIRST_DELAY = 0.1  # seconds; doubled after each failed attempt
@@ -170,9 +162,8 @@ class Client:
         self._stopping = False
         self._reconnecting = False
         self.timeout = timeout
-        self._ids = itertools.count(1)
-        self._lock = threading.Lock()
-        self._pending: dict[Any, Pending] = {}
+        self._lock = threading.Lock()  # around the session: callers' threads and the reader share it
+        self._session = ClientSession()  # answers are matched to their Pending
         self.messages: queue.Queue = queue.Queue()  # msg.recv params, oldest first
         self.receipts: queue.Queue = queue.Queue()  # msg.receipt params, oldest first
         self.signals: queue.Queue = queue.Queue()  # msg.signal params, as they came
@@ -288,18 +279,17 @@ class Client:
     # -- calling ----------------------------------------------------------------------
 
     def request(self, method: str, params=None) -> Pending:
-        request_id = next(self._ids)
         pending = Pending()
         with self._lock:
-            self._pending[request_id] = pending
-        self._write([encode(Request(method, params, request_id))])
+            _, body = self._session.request(method, params, pending)
+        self._write([body])
         return pending
 
     def call(self, method: str, params=None, timeout: float | None = None):
         return self.request(method, params).wait(self.timeout if timeout is None else timeout)
 
     def notify(self, method: str, params=None) -> None:
-        self._write([encode(Notification(method, params))])
+        self._write([self._session.notification(method, params)])
 
     def ping(self) -> str:
         return self.call("ping")
@@ -379,7 +369,7 @@ class Client:
             raise TimeoutError(f"no {what} in time") from None
 
     def ack(self, ids) -> None:
-        self._write([encode_batch([Response(message_id, "ACK") for message_id in ids])])
+        self._write([self._session.acks(ids)])
 
     def _write(self, bodies: list[bytes]) -> None:
         try:
@@ -397,8 +387,8 @@ class Client:
             pass
         finally:
             with self._lock:
-                pending, self._pending = self._pending, {}
-            for waiting in pending.values():
+                pending = self._session.abandon()
+            for waiting in pending:
                 waiting._set(error=ConnectionClosed("connection closed before the answer"))
             if self.close_reason is None:
                 self.close_reason = getattr(stream, "close_reason", None)
@@ -411,51 +401,42 @@ class Client:
                 threading.Thread(target=self._reconnect_in_background, daemon=True).start()
 
     def _on_body(self, body) -> None:
-        incoming = decode(body, max_batch=1 << 20)
-        if isinstance(incoming, Batch):
-            acks = [ack for ack in map(self._on_item, incoming.items) if ack is not None]
-            if acks:
-                self._write([encode_batch(acks)])
-        else:
-            ack = self._on_item(incoming)
-            if ack is not None:
-                self._write([encode(ack)])
+        with self._lock:
+            events, as_batch = self._session.receive(body)
+        replies = [reply for reply in map(self._on_event, events) if reply is not None]
+        data = self._session.replies(replies, as_batch=as_batch)  # a batch's answers go as one
+        if data is not None:
+            self._write([data])
 
-    def _on_item(self, item):
-        if isinstance(item, (Response, ErrorResponse)):
-            with self._lock:
-                pending = self._pending.pop(item.id, None)
-            if pending is not None:
-                if isinstance(item, Response):
-                    pending._set(item.result)
-                else:
-                    pending._set(error=item.to_exception())
+    def _on_event(self, event):
+        """Act on one thing the server sent; returns the answer to write, if any."""
+        kind = type(event)
+        if kind is Answer:
+            event.token._set(event.result, event.error)
             return None
-        if isinstance(item, Request) and item.method in ("msg.recv", "msg.receipt"):
-            # Both are deliveries: ACKed, and told apart from a redelivery by their id.
-            delivery_id = item.id
-            waiting = self.messages if item.method == "msg.recv" else self.receipts
-            if not self.dedupe:
-                waiting.put(item.params)
-            elif delivery_id not in self._seen:
-                self._seen[delivery_id] = None
-                if len(self._seen) > SEEN_IDS_KEPT:
-                    self._seen.popitem(last=False)
-                waiting.put(item.params)
-            return Response(delivery_id, "ACK") if self.auto_ack else None
-        if isinstance(item, Notification) and item.method == "msg.signal":
-            self.signals.put(item.params)
+        if kind is Request:
+            if event.method in DELIVERY_METHODS:
+                # Both are deliveries: ACKed, and told apart from a redelivery by their id.
+                delivery_id = event.id
+                waiting = self.messages if event.method == "msg.recv" else self.receipts
+                if not self.dedupe:
+                    waiting.put(event.params)
+                elif delivery_id not in self._seen:
+                    self._seen[delivery_id] = None
+                    if len(self._seen) > SEEN_IDS_KEPT:
+                        self._seen.popitem(last=False)
+                    waiting.put(event.params)
+                return ClientSession.ack(event) if self.auto_ack else None
+            if event.method == "msg.echo":
+                self.echoes.put(event.params)
+                return ClientSession.ack(event)
+            return ClientSession.unknown(event)
+        if kind is Notification:
+            if event.method == "msg.signal":
+                self.signals.put(event.params)
             return None
-        if isinstance(item, Notification) and item.method == "conn.close" and isinstance(item.params, dict):
-            self.close_reason = CloseReason(item.params.get("code"), item.params.get("reason", ""))
-            return None
-        if isinstance(item, Request) and item.method == "msg.echo":
-            self.echoes.put(item.params)
-            return Response(item.id, "ACK")
-        if isinstance(item, (Request,)):
-            return ErrorResponse(item.id, -32601, "Method not found")
-        if isinstance(item, Invalid):
-            return None
+        if kind is CloseNotice:
+            self.close_reason = CloseReason(event.code, event.reason)
         return None
 
 

@@ -3,7 +3,8 @@
 ``bin/devastator-console`` runs one command (``actors``, ``user bob``) and
 exits, or, without one, an interactive shell with completion and history.
 It speaks the TLS endpoint's framing and JSON-RPC over
-``<data_dir>/admin.sock`` through ``devastator.protocol``. It is a plain
+``<data_dir>/admin.sock`` through ``devastator.protocol`` (the client half
+of the connection session, ``protocol.session.ClientSession``). It is a plain
 blocking program: no gevent, no actors.
 """
 from __future__ import annotations
@@ -13,7 +14,6 @@ import cmd
 import collections
 import contextlib
 import inspect
-import itertools
 import os
 import pwd
 import signal
@@ -27,18 +27,9 @@ from typing import Any
 import orjson
 
 from .config import SettingsError, load_settings
-from .protocol import (
-    Batch,
-    ErrorResponse,
-    FrameDecoder,
-    Notification,
-    Request,
-    Response,
-    decode,
-    encode,
-    encode_frame,
-)
+from .protocol import FrameDecoder, Notification, encode_frame
 from .protocol.errors import RpcError
+from .protocol.session import Answer, ClientSession
 from .unix_socket import usable_path
 
 PROG = "devastator-console"
@@ -76,9 +67,12 @@ class AdminClient:
         self.timeout = timeout
         self._sock = sock
         self._decoder = FrameDecoder(MAX_FRAME_BYTES)
-        self._incoming: collections.deque = collections.deque()  # decoded, not yet looked at
+        self._session = ClientSession()
+        # Bodies read, then handed to the session one at a time, when looked for: an answer
+        # read ahead of its call's request is matched once that request is made.
+        self._bodies: collections.deque = collections.deque()
+        self._incoming: collections.deque = collections.deque()  # the session's events, not yet looked at
         self._notifications: collections.deque[Notification] = collections.deque()
-        self._ids = itertools.count(1)
 
     @classmethod
     def connect(cls, path: str | os.PathLike, *, timeout: float = CALL_TIMEOUT) -> AdminClient:
@@ -107,28 +101,32 @@ class AdminClient:
         """The result of ``method``; raises the RpcError the server answered with, or TimeoutError."""
         if timeout is _DEFAULT:
             timeout = self.timeout
-        request_id = next(self._ids)
+        request_id, body = self._session.request(method, params)
         try:
-            self._sock.sendall(encode_frame(encode(Request(method, params, request_id))))
-        except OSError as error:
-            raise AdminConnectionError(f"lost the connection to {self.path}: {_reason(error)}") from None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            message = self._next_message(deadline, f"no answer to {method!r} within {timeout} s")
-            if isinstance(message, Notification):
-                self._notifications.append(message)
-            elif isinstance(message, (Response, ErrorResponse)) and message.id == request_id:
-                if isinstance(message, ErrorResponse):
-                    raise message.to_exception()
-                return message.result
+            try:
+                self._sock.sendall(encode_frame(body))
+            except OSError as error:
+                raise AdminConnectionError(f"lost the connection to {self.path}: {_reason(error)}") from None
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                event = self._next_event(deadline, f"no answer to {method!r} within {timeout} s")
+                if type(event) is Notification:
+                    self._notifications.append(event)
+                elif type(event) is Answer and event.id == request_id:
+                    if event.error is not None:
+                        raise event.error
+                    return event.result
+        except BaseException:  # a timeout, Ctrl-C: the answer, if it comes, is dropped
+            self._session.forget(request_id)
+            raise
 
     def next_notification(self, timeout: float | None = None) -> Notification:
         """The oldest notification not yet taken, waiting up to ``timeout`` (None: for ever)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._notifications:
-            message = self._next_message(deadline, f"no notification within {timeout} s")
-            if isinstance(message, Notification):
-                self._notifications.append(message)
+            event = self._next_event(deadline, f"no notification within {timeout} s")
+            if type(event) is Notification:
+                self._notifications.append(event)
         return self._notifications.popleft()
 
     def notifications(self) -> Iterator[Notification]:
@@ -139,8 +137,14 @@ class AdminClient:
     def discard_notifications(self) -> None:
         self._notifications.clear()
 
-    def _next_message(self, deadline: float | None, timeout_message: str):
+    def _next_event(self, deadline: float | None, timeout_message: str):
         while not self._incoming:
+            if self._bodies:
+                try:
+                    self._incoming.extend(self._session.receive(self._bodies.popleft())[0])
+                except RpcError as error:
+                    raise AdminConnectionError(f"the server sent something unreadable: {error.message}") from None
+                continue
             if deadline is None:
                 self._sock.settimeout(None)
             else:
@@ -157,9 +161,7 @@ class AdminClient:
             if not data:
                 raise AdminConnectionError(f"the server closed the connection ({self.path})")
             try:
-                for body in self._decoder.feed(data):
-                    decoded = decode(body, max_batch=1 << 20)
-                    self._incoming.extend(decoded.items if isinstance(decoded, Batch) else (decoded,))
+                self._bodies.extend(self._decoder.feed(data))
             except RpcError as error:
                 raise AdminConnectionError(f"the server sent something unreadable: {error.message}") from None
         return self._incoming.popleft()

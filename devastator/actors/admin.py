@@ -1,31 +1,23 @@
 """The admin actor: one per console connection on the admin socket, answering operators' calls.
 
-It reads the same JSON-RPC as a device actor, but its methods look at and
-steer the server: list the live actors, inspect a user or a device, the
-figures, close a user's connections, send a message as "system", expire a
-user's messages, and watch a user's deliveries live. Nothing asks it, so it
+It reads the same JSON-RPC as a device actor, through the same session
+(``protocol.session.ServerSession``, configured open: no auth, no batches),
+but its methods look at and steer the server: list the live actors, inspect
+a user or a device, the figures, close a user's connections, send a message
+as "system", expire a user's messages, and watch a user's deliveries live. Nothing asks it, so it
 may ask the actors below it (router, user, device, store) and wait.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Callable
 
-import orjson
 import pykka
 
 from .. import protocol
-from ..protocol import Batch, ErrorResponse, Invalid, Notification, Request, Response, decode, encode
-from ..protocol.errors import (
-    InternalError,
-    InvalidParams,
-    InvalidRequest,
-    MethodNotFound,
-    ParseError,
-    RpcError,
-)
+from ..protocol.errors import InternalError, InvalidParams, MethodNotFound, RpcError
+from ..protocol.session import Call, Close, ServerSession, SessionConfig
 from .messages import (
     Append,
     ConnectionLost,
@@ -73,8 +65,10 @@ class AdminActor(pykka.ThreadingActor):
         self._max_batch = max_batch
         # In a cluster: device -> node for a user's connected devices (cluster.Presence.devices_of).
         self._device_nodes = device_nodes
-        self._keys = itertools.count(1)
-        self._waiting: dict[int, object] = {}  # request key -> JSON-RPC id, for answers that come later
+        self._session = ServerSession(SessionConfig(
+            max_batch=max_batch, auth_methods=None, batches=False,
+            no_batches_message="the admin endpoint takes no batches", close_on_parse_error=None,
+        ))
         self._expiring: dict[int, str] = {}  # request key -> user
         self._watching: set[str] = set()
 
@@ -90,89 +84,77 @@ class AdminActor(pykka.ThreadingActor):
         if isinstance(message, Received):
             if message.taken is not None:
                 message.taken()
-            for body in message.bodies:
-                self._on_body(body)
-            if message.violation is not None:
-                if message.violation.error is not None:
-                    self._write(ErrorResponse.from_error(message.violation.error))
-                self._connection.close()
+            self._session.receive(message.bodies, message.violation)
+            self._take_events()
         elif isinstance(message, SendResults):
             for result in message.results:
                 if result.error is not None:
-                    self._answer(self._waiting.pop(result.request_key, None), error=result.error)
+                    self._session.resolve(result.request_key, error=result.error)
                 else:
-                    self._answer(self._waiting.pop(result.request_key, None), {"id": result.id, "ts": result.ts})
+                    self._session.resolve(result.request_key, result={"id": result.id, "ts": result.ts})
         elif isinstance(message, UserExpired):
             user = self._expiring.pop(message.request_key, None)
             live = self._user_actor(user) if user else None
             if live is not None:
                 tell_if_alive(live, ForgetInFlight())  # it may have gone idle meanwhile
-            self._answer(self._waiting.pop(message.request_key, None), {"expired": message.count})
+            self._session.resolve(message.request_key, result={"expired": message.count})
         elif isinstance(message, WatchEvent):
             self._on_watch_event(message)
         elif isinstance(message, ConnectionLost):
+            self._session.close()
             self.stop()
+        self._flush()
         return None
 
     # -- JSON-RPC -------------------------------------------------------------------------
 
-    def _on_body(self, body) -> None:
+    def _take_events(self) -> None:
+        session = self._session
+        while (event := session.next_event()) is not None:
+            if type(event) is Call:
+                self._on_call(event)
+                self._flush()  # each answer as soon as it is known: a later call may wait on asks
+            elif type(event) is Close:  # not JSON, or a framing violation: answered, then closed
+                self._flush()
+                self._connection.close()
+            # A response from the console answers nothing we asked: ignored.
+
+    def _on_call(self, call: Call) -> None:
+        if call.id is None:
+            call.notification = True  # the admin endpoint has never answered a null id
         try:
-            incoming = decode(body, max_batch=self._max_batch)
-        except ParseError as error:
-            self._write(ErrorResponse.from_error(error))
-            self._connection.close()
-            return
+            result = self._call(call.method, call.params or {}, call)
         except RpcError as error:
-            self._write(ErrorResponse.from_error(error))
-            return
-        if isinstance(incoming, Batch):
-            self._write(ErrorResponse.from_error(InvalidRequest("the admin endpoint takes no batches")))
-            return
-        if isinstance(incoming, Invalid):
-            self._write(ErrorResponse.from_error(incoming.error, id=incoming.id))
-        elif isinstance(incoming, (Request, Notification)):
-            request_id = incoming.id if isinstance(incoming, Request) else None
-            try:
-                result = self._call(incoming.method, incoming.params or {}, request_id)
-            except RpcError as error:
-                self._answer(request_id, error=error)
-            except Exception:
-                log.exception("admin %s failed", incoming.method)
-                self._answer(request_id, error=InternalError())
-            else:
-                if result is not _LATER:
-                    self._answer(request_id, result)
-        # A response from the console answers nothing we asked: ignored.
-
-    def _answer(self, request_id, result=None, *, error: RpcError | None = None) -> None:
-        if request_id is None:
-            return  # a notification
-        if error is not None:
-            self._write(ErrorResponse.from_error(error, id=request_id))
+            self._session.refuse(call, error)
+        except Exception:
+            log.exception("admin %s failed", call.method)
+            self._session.refuse(call, InternalError())
         else:
-            self._write(Response(request_id, result))
+            if result is not _LATER:
+                self._session.answer(call, result)
 
-    def _write(self, value) -> None:
-        self._connection.send([encode(value)])
+    def _flush(self) -> None:
+        out = self._session.data_to_send()
+        if out:
+            self._connection.send(out)
 
     # -- methods ------------------------------------------------------------------------------
 
-    def _call(self, method: str, params, request_id):
+    def _call(self, method: str, params, call: Call):
         if not isinstance(params, dict):
             raise InvalidParams("params must be an object")
         handler = _METHODS.get(method)
         if handler is None:
             raise MethodNotFound(f"no admin method {method!r}; try one of {', '.join(sorted(_METHODS))}")
-        return handler(self, params, request_id)
+        return handler(self, params, call)
 
-    def _ping(self, params, request_id):
+    def _ping(self, params, call: Call):
         return "pong"
 
-    def _stats(self, params, request_id):
+    def _stats(self, params, call: Call):
         return self._snapshot()
 
-    def _actors(self, params, request_id):
+    def _actors(self, params, call: Call):
         limit = params.get("limit", DEFAULT_ACTORS_LIMIT)
         if type(limit) is not int or limit < 0:
             raise InvalidParams('"limit" must be a non-negative integer')
@@ -207,7 +189,7 @@ class AdminActor(pykka.ThreadingActor):
             described["remote"] = inspected["remote"]
         return described
 
-    def _user(self, params, request_id):
+    def _user(self, params, call: Call):
         user = _required(params, "user")
         view, _ = self._user_view(user)
         return {"user": user, **view}
@@ -240,7 +222,7 @@ class AdminActor(pykka.ThreadingActor):
             })
         return {"live": live_ref is not None, "devices": devices}, live_ref
 
-    def _device(self, params, request_id):
+    def _device(self, params, call: Call):
         user, device = _required(params, "user"), _required(params, "device")
         view, live_ref = self._user_view(user)
         entry = next((d for d in view["devices"] if d["device"] == device), None)
@@ -265,7 +247,7 @@ class AdminActor(pykka.ThreadingActor):
             ],
         }
 
-    def _kick(self, params, request_id):
+    def _kick(self, params, call: Call):
         user = _required(params, "user")
         device = params.get("device")
         if device is not None and not isinstance(device, str):
@@ -275,31 +257,29 @@ class AdminActor(pykka.ThreadingActor):
             return {"closed": 0}
         return {"closed": live_ref.ask(Kick(device), timeout=ASK_TIMEOUT)}
 
-    def _send(self, params, request_id):
+    def _send(self, params, call: Call):
         send = protocol.parse_send(params, self._limits)
-        key = next(self._keys)
-        self._waiting[key] = request_id
+        key = self._session.defer(call)
         self._store.tell(
             Append(SYSTEM_SENDER, send.to, send.message_json, None, send.ttl, key, self.actor_ref, self._router)
         )
         return _LATER
 
-    def _expire(self, params, request_id):
+    def _expire(self, params, call: Call):
         user = _required(params, "user")
-        key = next(self._keys)
-        self._waiting[key] = request_id
+        key = self._session.defer(call)
         self._expiring[key] = user
         self._store.tell(ExpireUser(user, key, self.actor_ref))
         return _LATER
 
-    def _watch(self, params, request_id):
+    def _watch(self, params, call: Call):
         user = _required(params, "user")
         if user not in self._watching:
             self._watching.add(user)
             self._router.tell(Watch(user, self.actor_ref))
         return "ACK"
 
-    def _unwatch(self, params, request_id):
+    def _unwatch(self, params, call: Call):
         user = _required(params, "user")
         if user in self._watching:
             self._watching.discard(user)
@@ -314,7 +294,7 @@ class AdminActor(pykka.ThreadingActor):
             base["device"] = event.device
         for message_id in event.ids or (None,):
             params = dict(base) if message_id is None else {**base, "id": message_id}
-            self._connection.send([orjson.dumps({"jsonrpc": "2.0", "method": "watch.event", "params": params})])
+            self._session.notify("watch.event", params)
 
     def _user_actor(self, user: str) -> pykka.ActorRef | None:
         return self._router.ask(Inspect(("user", user)), timeout=ASK_TIMEOUT)

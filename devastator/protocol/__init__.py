@@ -1,4 +1,4 @@
-"""Sans-IO wire protocol: framing, the JSON-RPC 2.0 codec and method params.
+"""Sans-IO wire protocol: framing, the JSON-RPC 2.0 codec, method params and the connection session.
 
 Bytes in, typed values out, and back; no sockets, greenlets or actors here, so
 every transport shares it and its tests need no network (PROTOCOL.md).
@@ -54,6 +54,7 @@ from .methods import (
     parse_signal,
     parse_history,
 )
+from .session import ClientSession, ServerSession, SessionConfig
 
 __all__ = [
     "errors",
@@ -103,4 +104,7 @@ __all__ = [
     "parse_read",
     "parse_signal",
     "parse_history",
+    "ServerSession",
+    "ClientSession",
+    "SessionConfig",
 ]
