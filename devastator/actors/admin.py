@@ -23,7 +23,12 @@ from .messages import (
     ConnectionLost,
     ExpireUser,
     ForgetInFlight,
-    Inspect,
+    ConnectionQuery,
+    DeviceRefsQuery,
+    LiveUserQuery,
+    PendingQuery,
+    StoredUserQuery,
+    UserDevicesQuery,
     Kick,
     Received,
     SendResults,
@@ -178,7 +183,7 @@ class AdminActor(pykka.ThreadingActor):
         if ref == self.actor_ref or kind not in ("UserActor", "DeviceActor"):
             return described
         try:
-            inspected = ref.ask(Inspect(), timeout=ASK_TIMEOUT)
+            inspected = ref.ask(UserDevicesQuery() if kind == "UserActor" else ConnectionQuery(), timeout=ASK_TIMEOUT)
         except (pykka.ActorDeadError, pykka.Timeout):
             return described
         if kind == "UserActor":
@@ -196,11 +201,11 @@ class AdminActor(pykka.ThreadingActor):
 
     def _user_view(self, user: str) -> tuple[dict, pykka.ActorRef | None]:
         """What the store and the live user actor say of the user's devices, and that actor."""
-        stored = self._store.ask(Inspect(("user", user)), timeout=ASK_TIMEOUT)
+        stored = self._store.ask(StoredUserQuery(user), timeout=ASK_TIMEOUT)
         if not stored["exists"]:
             raise InvalidParams(f"no user {user!r}")
         live_ref = self._user_actor(user)
-        live = live_ref.ask(Inspect(), timeout=ASK_TIMEOUT) if live_ref is not None else {"devices": {}}
+        live = live_ref.ask(UserDevicesQuery(), timeout=ASK_TIMEOUT) if live_ref is not None else {"devices": {}}
         now_ms = time.time() * 1000
         nodes = self._device_nodes(user) if self._device_nodes is not None else {}
         devices = []
@@ -230,13 +235,13 @@ class AdminActor(pykka.ThreadingActor):
             raise InvalidParams(f"user {user!r} has no device {device!r}")
         remote = None
         if live_ref is not None and entry["online"]:
-            device_ref = live_ref.ask(Inspect("refs"), timeout=ASK_TIMEOUT).get(device)
+            device_ref = live_ref.ask(DeviceRefsQuery(), timeout=ASK_TIMEOUT).get(device)
             if device_ref is not None:
                 try:
-                    remote = device_ref.ask(Inspect(), timeout=ASK_TIMEOUT)["remote"]
+                    remote = device_ref.ask(ConnectionQuery(), timeout=ASK_TIMEOUT)["remote"]
                 except (pykka.ActorDeadError, pykka.Timeout):
                     remote = None
-        pending = self._store.ask(Inspect(("pending", user, device, PENDING_SHOWN)), timeout=ASK_TIMEOUT)
+        pending = self._store.ask(PendingQuery(user, device, PENDING_SHOWN), timeout=ASK_TIMEOUT)
         return {
             "user": user,
             **entry,
@@ -297,7 +302,7 @@ class AdminActor(pykka.ThreadingActor):
             self._session.notify("watch.event", params)
 
     def _user_actor(self, user: str) -> pykka.ActorRef | None:
-        return self._router.ask(Inspect(("user", user)), timeout=ASK_TIMEOUT)
+        return self._router.ask(LiveUserQuery(user), timeout=ASK_TIMEOUT)
 
 
 _LATER = object()  # the answer is written when the store replies

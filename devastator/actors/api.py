@@ -46,7 +46,6 @@ from .messages import (
     Append,
     DeviceRemovalDone,
     DeviceRemoved,
-    Inspect,
     LiveUserQuery,
     LoadUser,
     Register,
@@ -133,8 +132,7 @@ class ApiActor(pykka.ThreadingActor):
             self._on_user_loaded(message)
         elif isinstance(message, DeviceRemovalDone):
             self._on_device_removed(message)
-        elif isinstance(message, (ApiWaitingQuery, Inspect)):
-            # Inspect: until tests/test_api.py asks ApiWaitingQuery
+        elif isinstance(message, ApiWaitingQuery):
             return {"waiting": len(self._waiting)}
         return None
 

@@ -55,7 +55,7 @@ from .messages import (
     Signal,
     DeviceOffline,
     DeviceOnline,
-    Inspect,
+    ConnectionQuery,
     Kicked,
     PushTokenSet,
     Received,
@@ -257,7 +257,7 @@ class DeviceActor(pykka.ThreadingActor):
             self._close(CLOSE_INTERNAL_ERROR, "internal error: reconnect")
         elif isinstance(message, ConnectionLost):
             self._on_connection_lost()
-        elif isinstance(message, Inspect):
+        elif isinstance(message, ConnectionQuery):
             return {"user": self.user, "device": self.device, "remote": self._connection.remote,
                     "pending_sends": self._pending_sends}
         self._flush()

@@ -618,17 +618,6 @@ class PushProviderQuery:
     "down", "queued", "retrying", ... and ``PushCounters.as_dict()``}."""
 
 
-@dataclass(frozen=True, slots=True)
-class Inspect:
-    """The old untyped question; the typed queries above replace it.
-
-    Still asked by actors/admin.py and by some tests, and answered where they
-    ask it (each such branch says until which query), until they ask the query.
-    """
-
-    detail: Any = None
-
-
 def tell_if_alive(ref: ActorRef, message) -> bool:
     """Tell ``message``; False if that actor has stopped (a closed connection, an idle user)."""
     try:

@@ -44,7 +44,6 @@ from .messages import (
     ChildStopped,
     DeviceReachable,
     FindPushDevice,
-    Inspect,
     PushDeviceFound,
     PushDispatchQuery,
     RemovePushToken,
@@ -162,8 +161,7 @@ class PushDispatcherActor(pykka.ThreadingActor):
                     log.debug("an upstream message was refused: %s", result.error.message)
         elif isinstance(message, ChildStopped):
             self._provider_stopped(message.name, message.ref)
-        elif isinstance(message, (PushDispatchQuery, Inspect)):
-            # Inspect: until tests/test_push_e2e.py asks PushDispatchQuery
+        elif isinstance(message, PushDispatchQuery):
             return {"providers": sorted(self._providers), "pushes": self.pushes, "waiting": len(self._since_push)}
         return None
 

@@ -40,7 +40,6 @@ from .messages import (
     DeviceRemoved,
     DevicesRemoved,
     HealthQuery,
-    Inspect,
     LiveUserQuery,
     OnlineUsersQuery,
     Poke,
@@ -171,11 +170,6 @@ class RouterActor(pykka.ThreadingActor):
             return None if live is None else live.ref
         elif isinstance(message, OnlineUsersQuery):
             return {user: {"online": live.online} for user, live in self._users.items()}
-        elif isinstance(message, Inspect):
-            if message.detail is not None:  # Inspect: until admin.py asks LiveUserQuery
-                return self.on_receive(LiveUserQuery(message.detail[1]))
-            # Inspect: until tests/test_delivery.py, test_redis_outage.py and test_push_e2e.py ask OnlineUsersQuery
-            return self.on_receive(OnlineUsersQuery())
         return None
 
     def _route_committed(self, committed: Committed) -> None:

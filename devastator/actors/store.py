@@ -75,7 +75,6 @@ from .messages import (
     FindPushDevice,
     HealthQuery,
     HistoryLoaded,
-    Inspect,
     LoadHistory,
     LoadPending,
     LoadUser,
@@ -159,8 +158,6 @@ class StoreActor(pykka.ThreadingActor):
         self._store.close()
 
     def on_receive(self, message):
-        if isinstance(message, Inspect):
-            message = _typed_query(message)
         query = isinstance(message, QUERIES)
         if not query:
             if type(message) in ROUTES:
@@ -640,14 +637,3 @@ ROUTES: dict[type, Route] = {
     LoadUser: Route(_load_user, _user_failed, _tell_asker),
     RemoveDevice: Route(_remove_device, _removal_failed, _tell_asker),
 }
-
-
-def _typed_query(inspect: Inspect):
-    """The typed query an old ``Inspect`` asks of the store actor."""
-    detail = inspect.detail
-    if detail is None:  # Inspect: until tests/test_store_sqlite.py and tests/test_push_e2e.py ask CommitCountsQuery
-        return CommitCountsQuery()
-    if detail[0] == "user":  # Inspect: until admin.py asks StoredUserQuery (and tests/test_overload.py)
-        return StoredUserQuery(detail[1])
-    _, user, device, limit = detail  # Inspect: until admin.py asks PendingQuery
-    return PendingQuery(user, device, limit)

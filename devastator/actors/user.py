@@ -38,7 +38,6 @@ from .messages import (
     DeviceRemoved,
     DeviceRefsQuery,
     ForgetInFlight,
-    Inspect,
     Kick,
     Kicked,
     LoadPending,
@@ -144,10 +143,6 @@ class UserActor(pykka.ThreadingActor):
             return self._devices_state()
         elif isinstance(message, DeviceRefsQuery):  # the device actors, for the admin endpoint
             return {device: slot.ref for device, slot in self._devices.items()}
-        elif isinstance(message, Inspect):
-            if message.detail == "refs":  # Inspect: until admin.py asks DeviceRefsQuery
-                return self.on_receive(DeviceRefsQuery())
-            return self._devices_state()  # Inspect: until admin.py asks UserDevicesQuery
         elif isinstance(message, Kick):
             return self._kick(message.device)
         elif isinstance(message, ForgetInFlight):

@@ -42,7 +42,7 @@ from gevent.pool import Group
 from hyper import HTTP20Connection
 from hyper.tls import init_context
 
-from ..actors.messages import Inspect, PushProviderQuery, tell_if_alive
+from ..actors.messages import PushProviderQuery, tell_if_alive
 from .base import PushCounters, PushRequest, PushTokenRejected
 
 log = logging.getLogger(__name__)
@@ -424,8 +424,7 @@ class ApnsProviderActor(pykka.ThreadingActor):
             self._finish(message)
         elif isinstance(message, _Retry):
             self._queue.appendleft(message.job)  # it waited its turn already
-        elif isinstance(message, (PushProviderQuery, Inspect)):
-            # Inspect: until tests/test_push_apns.py asks PushProviderQuery
+        elif isinstance(message, PushProviderQuery):
             return self._state()
         else:
             log.warning("APNs provider ignores %r", message)

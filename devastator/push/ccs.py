@@ -91,7 +91,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 from slixmpp.xmlstream.xmlstream import NotConnectedError
 
-from ..actors.messages import Inspect, PushProviderQuery, tell_if_alive
+from ..actors.messages import PushProviderQuery, tell_if_alive
 from .base import PushCounters, PushRequest, PushTokenRejected, UpstreamMessage
 
 log = logging.getLogger(__name__)
@@ -364,8 +364,7 @@ class GcmCcsProviderActor(pykka.ThreadingActor):
                 self._open_connection()
         elif isinstance(message, _CheckAcks):
             self._check_acks()
-        elif isinstance(message, (PushProviderQuery, Inspect)):
-            # Inspect: until tests/test_push_ccs.py asks PushProviderQuery
+        elif isinstance(message, PushProviderQuery):
             return self._state()
         return None
 

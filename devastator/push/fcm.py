@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from gevent.pool import Group
 
-from ..actors.messages import Inspect, PushProviderQuery, tell_if_alive
+from ..actors.messages import PushProviderQuery, tell_if_alive
 from ..throttled_log import ThrottledLog
 from .base import PushCounters, PushRequest, PushTokenRejected
 
@@ -440,8 +440,7 @@ class FcmProviderActor(pykka.ThreadingActor):
     def on_receive(self, message):
         if isinstance(message, PushRequest):
             self._queue.put(_Job(message))
-        elif isinstance(message, (PushProviderQuery, Inspect)):
-            # Inspect: until tests/test_push_fcm.py asks PushProviderQuery
+        elif isinstance(message, PushProviderQuery):
             return self._state()
         return None
 

@@ -17,7 +17,7 @@ from devastator.actors.messages import (
     Deliver,
     DeviceOffline,
     DeviceOnline,
-    Inspect,
+    ConnectionQuery,
     Received,
     Register,
     Registered,
@@ -213,7 +213,7 @@ def test_a_send_before_authentication_is_refused(device, connection, store):
     receive(device, send(id="s1"))
     reply = connection.next()
     assert reply["id"] == "s1" and reply["error"]["code"] == NOT_AUTHENTICATED
-    device.ask(Inspect())
+    device.ask(ConnectionQuery())
     assert store.drain() == []
 
 
@@ -227,7 +227,7 @@ def test_a_parse_error_is_answered_then_the_connection_closes(device, connection
 def test_a_parse_error_ends_the_read_it_is_in(device, connection):
     device.tell(Received((b"nope", orjson.dumps(request("ping")))))
     assert connection.next()["error"]["code"] == PARSE_ERROR
-    device.ask(Inspect())
+    device.ask(ConnectionQuery())
     assert connection.written_so_far() == []
 
 
@@ -238,12 +238,12 @@ def test_a_good_token_brings_the_device_online_then_answers(device, connection, 
     receive(device, request("auth.jwt", {"token": "good"}, id=1))
     online = router.next(DeviceOnline)
     assert (online.user, online.device, online.device_ref) == ("alice", "phone", device)
-    device.ask(Inspect())
+    device.ask(ConnectionQuery())
     assert connection.written_so_far() == []  # not before the user actor says so
 
     device.tell(Authenticated("alice", "phone", user.ref, 5, online.request_key))
     assert connection.next() == result(1, {"user": "alice", "device": "phone", "pending": 5})
-    assert device.ask(Inspect())["user"] == "alice"
+    assert device.ask(ConnectionQuery())["user"] == "alice"
 
 
 def test_a_good_token_names_its_registration_for_the_store_to_check(device, router):
@@ -256,7 +256,7 @@ def test_a_bad_token_is_forbidden_and_logged_with_the_remote_address(device, con
     receive(device, request("auth.jwt", {"token": "forged"}, id=1))
     reply = connection.next()
     assert reply["id"] == 1 and reply["error"]["code"] == FORBIDDEN
-    device.ask(Inspect())
+    device.ask(ConnectionQuery())
     assert router.drain() == []
     assert auth_log.lines == [("auth.jwt: bad token", "auth.jwt refused for 198.51.100.7:40000: bad token")]
 
@@ -294,7 +294,7 @@ def test_google_sign_in_registers_then_answers_with_credentials(device, connecti
     assert connection.next() == result(
         7, {"user": "google-carol", "device": "pixel", "token": "jwt-for-pixel", "cert": "CERT PEM", "ca": "CA PEM"}
     )
-    assert device.ask(Inspect())["user"] == "google-carol"
+    assert device.ask(ConnectionQuery())["user"] == "google-carol"
 
 
 def test_google_sign_in_without_device_or_csr_gets_a_new_device_and_a_token(device, connection, router,
@@ -311,7 +311,7 @@ def test_google_sign_in_without_device_or_csr_gets_a_new_device_and_a_token(devi
 def test_a_refused_id_token_registers_nothing(device, connection, store, auth_log):
     receive(device, request("auth.google", {"token": "forged"}, id=7))
     assert connection.next()["error"]["code"] == FORBIDDEN
-    device.ask(Inspect())
+    device.ask(ConnectionQuery())
     assert store.drain() == []
     assert auth_log.lines[0][0] == "auth.google: ID token signature invalid"
 
@@ -319,7 +319,7 @@ def test_a_refused_id_token_registers_nothing(device, connection, store, auth_lo
 def test_a_bad_csr_registers_nothing(device, connection, store):
     receive(device, request("auth.google", {"token": "google-ok", "csr": "junk"}, id=7))
     assert connection.next()["error"]["code"] == INVALID_PARAMS
-    device.ask(Inspect())
+    device.ask(ConnectionQuery())
     assert store.drain() == []
 
 
@@ -331,7 +331,7 @@ def test_an_unreachable_provider_asks_to_retry_later(device, connection, store):
 def test_requests_behind_a_registration_wait_for_it(device, connection, router, store, user):
     receive(device, request("auth.google", {"token": "google-ok", "device": "pixel"}, id=7), send(id="s1"))
     register = store.next(Register)
-    device.ask(Inspect())
+    device.ask(ConnectionQuery())
     assert connection.written_so_far() == []
     device.tell(Registered(register.request_key, "google-carol", "pixel", "reg-5"))
     online = router.next(DeviceOnline)
@@ -367,7 +367,7 @@ def test_requests_read_while_authenticating_are_answered_after_it_in_order(
     receive(device, request("ping", id="p1"))
     receive(device, send(id="s1"), request("ping", id="p2"))
     online = router.next(DeviceOnline)
-    device.ask(Inspect())
+    device.ask(ConnectionQuery())
     assert connection.written_so_far() == []
     assert store.drain() == []
 
@@ -387,11 +387,11 @@ def test_requests_read_with_the_auth_in_one_read_wait_for_it(device, connection,
     and the requests the client pipelined behind it."""
     receive(device, request("auth.jwt", {"token": "good"}, id="auth"), send(id="s1"), request("ping", id="p1"))
     online = router.next(DeviceOnline)
-    device.ask(Inspect())
+    device.ask(ConnectionQuery())
     held = connection.written_so_far()
 
     device.tell(Authenticated("alice", "phone", user.ref, 0, online.request_key))
-    device.ask(Inspect())
+    device.ask(ConnectionQuery())
     written = held + connection.written_so_far()
     assert written[0] == result("auth", {"user": "alice", "device": "phone", "pending": 0})
     assert written[1:] == [result("p1", "pong")]
@@ -410,7 +410,7 @@ def test_a_send_is_appended_and_answered_after_the_commit(device, connection, ro
     assert (append.sender, append.recipients, append.message_json) == ("alice", ("bob", "carol"), b'{"text":"hi"}')
     assert (append.cid, append.ttl) == ("c-9", 60)
     assert (append.reply_to, append.notify) == (device, router.ref)
-    device.ask(Inspect())
+    device.ask(ConnectionQuery())
     assert connection.written_so_far() == []
 
     device.tell(SendResults((SendResult(append.request_key, id="m-1", ts=1234),)))
@@ -433,14 +433,14 @@ def test_a_batch_is_answered_as_one_array_once_every_answer_is_known(device, con
     authenticate(device, connection, router, user)
     receive(device, [request("ping", id=1), send(id=2)])
     append = store.next(Append)
-    device.ask(Inspect())
+    device.ask(ConnectionQuery())
     assert connection.written_so_far() == []
 
     device.tell(SendResults((SendResult(append.request_key, id="m-1", ts=99),)))
     reply = connection.next()
     assert isinstance(reply, list)
     assert sorted(reply, key=lambda r: r["id"]) == [result(1, "pong"), result(2, {"id": "m-1", "ts": 99})]
-    device.ask(Inspect())
+    device.ask(ConnectionQuery())
     assert connection.written_so_far() == []
 
 
@@ -454,7 +454,7 @@ def test_acks_from_the_client_are_told_to_the_user_actor(device, connection, rou
 
     receive(device, [result("msg-002", "ACK"), result("msg-003", "ACK")])
     assert user.next(Acked) == Acked("phone", device, ("msg-002", "msg-003"))
-    device.ask(Inspect())
+    device.ask(ConnectionQuery())
     assert connection.written_so_far() == []
 
 
@@ -468,7 +468,7 @@ def test_a_backlog_goes_as_batches_of_at_most_100(device, connection, router, us
     sent = [item for batch in batches for item in batch]
     assert sent == [recv(m) for m in messages]
     assert all(item["id"] == item["params"]["id"] for item in sent)
-    device.ask(Inspect())
+    device.ask(ConnectionQuery())
     assert connection.written_so_far() == []
 
 
