@@ -29,6 +29,7 @@ from .actors import DeviceActor, DeviceLimits, RouterActor, StoreActor, UserActo
 from .actors.admin import AdminActor
 from .actors.cluster import ClusterActor
 from .actors.push import PushDispatcherActor
+from .actors.runtime import GreenletActor
 from .actors.messages import HealthQuery, Tick
 from .actors.supervision import watch
 from .admission import AdmissionControl, AdmissionLimits
@@ -395,6 +396,9 @@ class Server:
         for ref in (self.router_ref, self.store_ref):
             if ref is not None:
                 _stop_actor(ref, timeout)
+        # Device and user actors have stopped; a greenlet of theirs may still be ending
+        # (their greenlets live only while they have messages: actors/runtime.py).
+        GreenletActor.greenlets.join(timeout=timeout)
         if self._redis_client is not None:  # its users (cluster actor, push dispatcher) have stopped
             self._redis_client.close()
         self._stopped.set()

@@ -26,6 +26,7 @@ from ..store import COPY, RECEIPT, StoredMessage
 from ..identity import DeviceIdentity
 from ..telemetry import Telemetry
 from ..protocol import Request
+from .runtime import GreenletActor
 from ..protocol.errors import Forbidden, InternalError, InvalidParams, MethodNotFound, Overloaded, RpcError
 from ..protocol.session import (
     AUTH,
@@ -141,7 +142,7 @@ def _recv_params(m: StoredMessage) -> dict:
     }
 
 
-class DeviceActor(pykka.ThreadingActor):
+class DeviceActor(GreenletActor):
     def __init__(
         self,
         *,

@@ -23,6 +23,7 @@ import pykka
 
 from ..store import RECEIPT, StoredMessage
 from ..telemetry import Telemetry
+from .runtime import GreenletActor
 from .messages import (
     Ack,
     Acked,
@@ -77,7 +78,7 @@ class _DeviceSlot:
     inflight_bytes: int = 0
 
 
-class UserActor(pykka.ThreadingActor):
+class UserActor(GreenletActor):
     def __init__(
         self,
         *,
