@@ -40,6 +40,9 @@ from .outbound import OutboundQueue
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
+# A wake-up's reads are handed to the device actor together, up to this many bytes of frames:
+# a client writing one frame per TLS record would otherwise cost one actor message per frame.
+GATHER_BYTES = 4 * READ_SIZE
 CLOSE_IDLE = 4003
 CLOSE_FRAMING = 1002  # told to the device actor; on TLS the code is not sent
 
@@ -181,7 +184,8 @@ class TlsTransport(Endpoint):
                     self._readers.discard(reader)
                     self._release_place()
 
-            frames = FrameReader(conn, forward, outbound, self._max_frame_bytes, frame_timeout=self._frame_timeout)
+            frames = FrameReader(conn, forward, outbound, self._max_frame_bytes, frame_timeout=self._frame_timeout,
+                                 gather=True)
             reader = _OnDemandReader(conn, frames, spawn=self._spawn_reader, ended=ended)
             self._readers.add(reader)
             reader.start()
@@ -214,14 +218,19 @@ class FrameReader:
     """
 
     __slots__ = ("_conn", "_forward", "_outbound", "_frame_timeout", "_decoder", "_idle_timeout",
-                 "_frame_deadline", "_reason", "_violated")
+                 "_frame_deadline", "_reason", "_violated", "_gather", "_gathered", "_gathered_bytes")
 
     def __init__(
         self, conn, forward: Forward, outbound: OutboundQueue, max_frame_bytes: int, *,
-        frame_timeout: float | None = None,
+        frame_timeout: float | None = None, gather: bool = False,
     ):
         self._conn = conn
         self._forward = forward
+        # gather: frames wait in _gathered until flush() (the on-demand reader's, once input
+        # stops or GATHER_BYTES came); else each read's frames are handed on at once.
+        self._gather = gather
+        self._gathered: list[bytes] = []
+        self._gathered_bytes = 0
         self._outbound = outbound
         self._frame_timeout = frame_timeout
         self._decoder = FrameDecoder(max_frame_bytes)
@@ -282,12 +291,23 @@ class FrameReader:
             self._frame_deadline = None
             self._conn.settimeout(self._idle_timeout)
             error = InvalidRequest(f"frame not complete within {self._frame_timeout:g} s")
-            self._forward((), ProtocolViolation(CLOSE_FRAMING, error.message, error))
+            self._forward(self._take_gathered(), ProtocolViolation(CLOSE_FRAMING, error.message, error))
             self._violated, self._reason = True, f"framing violation: {error.message}"
             return None
         outbound.close(CLOSE_IDLE, "idle timeout")
         self._reason = "idle timeout"
         return None
+
+    def flush(self) -> None:
+        """Hand the frames gathered since the last flush to the device actor (may wait for it)."""
+        if self._gathered:
+            self._forward(self._take_gathered())
+
+    def _take_gathered(self) -> tuple:
+        gathered = tuple(self._gathered)
+        self._gathered.clear()
+        self._gathered_bytes = 0
+        return gathered
 
     def before_frame_deadline(self) -> bool:
         """A frame is partly read and its deadline has not passed (a timer may fire a little early)."""
@@ -306,11 +326,17 @@ class FrameReader:
         try:
             bodies = self._decoder.feed(data)
         except RpcError as error:
-            self._forward((), ProtocolViolation(CLOSE_FRAMING, error.message, error))
+            self._forward(self._take_gathered(), ProtocolViolation(CLOSE_FRAMING, error.message, error))
             self._violated, self._reason = True, f"framing violation: {error.message}"
             return None
         if bodies:
-            self._forward(tuple(bodies))  # may wait for the device actor: that time is not the client's
+            if self._gather:
+                self._gathered.extend(bodies)
+                self._gathered_bytes += sum(map(len, bodies))
+                if self._gathered_bytes >= GATHER_BYTES:
+                    self.flush()
+            else:
+                self._forward(tuple(bodies))  # may wait for the device actor: that time is not the client's
         if self._frame_timeout is not None:
             if not self._decoder.buffered_bytes:
                 if self._frame_deadline is not None:
@@ -392,6 +418,7 @@ class _OnDemandReader:
                     if ended is False:
                         ended = None
                         break
+                self._frames.flush()  # what this wake-up read, as one Received, before its end if it ended
             except pykka.ActorDeadError:
                 ended = "device actor stopped"
         except BaseException:
