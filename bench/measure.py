@@ -11,10 +11,15 @@ from __future__ import annotations
 import array
 import os
 import resource
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import gevent
 import gevent.event
 
 READ_SIZE = 256 * 1024
@@ -27,6 +32,65 @@ _now = time.perf_counter
 
 class BenchError(Exception):
     """The benchmark cannot go on (server did not start, auth failed, ...)."""
+
+
+class ChildServer:
+    """A server run as a subprocess in its own session: started until it listens, stopped with SIGTERM.
+
+    A Ctrl-C in the terminal reaches only the bench (its own session), which
+    then stops the server as an operator would.
+    """
+
+    name = "the server"
+
+    def __init__(self, log_path: Path, host: str):
+        self.log_path = log_path
+        self.host = host
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def _launch(self, command: list[str], port: int, *, cwd: Path, env: dict[str, str] | None = None,
+                timeout: float = 30.0) -> None:
+        with open(self.log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=str(cwd), start_new_session=True, env=env,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._process.poll() is not None:
+                raise BenchError(f"{self.name} exited with status {self._process.returncode}:\n{self.log_tail()}")
+            try:
+                socket.create_connection((self.host, port), timeout=0.5).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{self.name} did not listen within {timeout:.0f} s:\n{self.log_tail()}")
+                gevent.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        process = self._process
+        if process is None or process.poll() is not None:
+            return None if process is None else process.returncode
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            print(f"bench: {self.name} ignored SIGTERM for {timeout:.0f} s; killing it", file=sys.stderr)
+            process.kill()
+            return process.wait()
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return f"(no log of {self.name})"
 
 
 def free_port(host: str) -> int:

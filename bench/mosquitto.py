@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import getpass
 import os
-import signal
-import socket
 import ssl
 import struct
-import subprocess
 import time
 from pathlib import Path
 
@@ -32,7 +29,7 @@ import gevent
 import gevent.event
 import orjson
 
-from measure import MESSAGE_BYTES, ArrivalChecks, BenchError, TlsConnection, WindowedSender, free_port, message_json
+from measure import MESSAGE_BYTES, ArrivalChecks, BenchError, ChildServer, TlsConnection, WindowedSender, free_port, message_json
 from mqtt import (
     CONNACK, DISCONNECT_PACKET, PINGREQ_PACKET, PINGRESP, PUBACK, PUBLISH, SUBACK, SUBACK_FAILURE, MqttError,
     PacketDecoder, connect_packet, packet_id_of, parse_publish, publish_head, puback_packet, subscribe_packet,
@@ -54,23 +51,20 @@ def topic_of(user: str) -> str:
     return f"u/{user}"
 
 
-class MosquittoProcess:
-    """Mosquitto as a subprocess in its own session, on a free port, stopped with SIGTERM."""
+class MosquittoProcess(ChildServer):
+    """Mosquitto as a subprocess in its own session, on a free port, stopped with SIGTERM
+    (it saves its persistence file, then exits)."""
+
+    name = "mosquitto"
 
     def __init__(self, work_dir: Path, host: str, executable: str = DEFAULT_EXECUTABLE):
+        super().__init__(work_dir / "mosquitto.log", host)
         self.work_dir = work_dir
-        self.host = host
         self.executable = executable
         self.port = free_port(host)
         self.config_path = work_dir / "mosquitto.conf"
         self.persistence_dir = work_dir / "persistence"
-        self.log_path = work_dir / "mosquitto.log"
         self.ca_path: Path | None = None
-        self._process: subprocess.Popen | None = None
-
-    @property
-    def pid(self) -> int:
-        return self._process.pid
 
     def config(self, certificate: Path, key: Path) -> str:
         return "\n".join([
@@ -102,42 +96,7 @@ class MosquittoProcess:
         self.ca_path = pki.ca_cert
         self.persistence_dir.mkdir(mode=0o700, exist_ok=True)
         self.config_path.write_text(self.config(pki.server_cert, pki.server_key))
-        with open(self.log_path, "ab") as log:
-            self._process = subprocess.Popen(
-                [self.executable, "-c", str(self.config_path)], stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, cwd=str(self.work_dir), start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._process.poll() is not None:
-                raise BenchError(f"mosquitto exited with status {self._process.returncode}:\n{self.log_tail()}")
-            try:
-                socket.create_connection((self.host, self.port), timeout=0.5).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise BenchError(f"mosquitto did not listen within {timeout:.0f} s:\n{self.log_tail()}")
-                gevent.sleep(0.05)
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        process = self._process
-        if process is None or process.poll() is not None:
-            return None if process is None else process.returncode
-        process.send_signal(signal.SIGTERM)  # it saves its persistence file, then exits
-        try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait()
-
-    def alive(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no mosquitto log)"
+        self._launch([self.executable, "-c", str(self.config_path)], self.port, cwd=self.work_dir, timeout=timeout)
 
 
 # -- the clients ---------------------------------------------------------------------------

@@ -33,12 +33,10 @@ import os  # noqa: E402
 import secrets  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import sqlite3  # noqa: E402
 import ssl  # noqa: E402
 import statistics  # noqa: E402
 import struct  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -54,7 +52,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))  # measure.py, mqtt.py, mosquitto.py: this checkout's load generator
 
 from measure import (  # noqa: E402
-    ERRORS_KEPT, READ_SIZE, ArrivalChecks, BenchError, CpuMeter, Run, TlsConnection, WindowedSender, free_port,
+    ERRORS_KEPT, READ_SIZE, ArrivalChecks, BenchError, ChildServer, CpuMeter, Run, TlsConnection, WindowedSender, free_port,
     mark, message_json, per_msg_us, percentile_ms, process_cpu_seconds, process_rss_mb, rounded as _round,
 )
 
@@ -100,24 +98,20 @@ _dumps = orjson.dumps
 _now = time.perf_counter
 
 
-class ServerProcess:
+class ServerProcess(ChildServer):
     """``bin/devastator`` as a subprocess in its own session, stopped with SIGTERM."""
 
+    name = "the server"
+
     def __init__(self, data_dir: Path, host: str, *, env: dict[str, str] | None = None, workers: int = 1):
+        super().__init__(data_dir / "server.log", host)
         self.data_dir = data_dir
-        self.host = host
         self.env = {**os.environ, **(env or {})}
         self.workers = workers
         self.tls_port = free_port(host)
         self.http_port = free_port(host)
         while self.http_port == self.tls_port:
             self.http_port = free_port(host)
-        self.log_path = data_dir / "server.log"
-        self._process: subprocess.Popen | None = None
-
-    @property
-    def pid(self) -> int:
-        return self._process.pid
 
     def start(self, timeout: float = 30.0) -> None:
         command = [
@@ -126,45 +120,7 @@ class ServerProcess:
             "--tls-port", str(self.tls_port), "--http-port", str(self.http_port),
             "--workers", str(self.workers),
         ]
-        with open(self.log_path, "ab") as log:
-            # Own session: a Ctrl-C in the terminal reaches only the bench, which
-            # then stops the server with SIGTERM like an operator would.
-            self._process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=str(ROOT), start_new_session=True, env=self.env,
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._process.poll() is not None:
-                raise BenchError(f"the server exited with status {self._process.returncode}:\n{self.log_tail()}")
-            try:
-                socket.create_connection((self.host, self.tls_port), timeout=0.5).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise BenchError(f"the server did not listen within {timeout:.0f} s:\n{self.log_tail()}")
-                gevent.sleep(0.05)
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        process = self._process
-        if process is None or process.poll() is not None:
-            return None if process is None else process.returncode
-        process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            print(f"bench: the server ignored SIGTERM for {timeout:.0f} s; killing it", file=sys.stderr)
-            process.kill()
-            return process.wait()
-
-    def alive(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no server log)"
+        self._launch(command, self.tls_port, cwd=ROOT, env=self.env, timeout=timeout)
 
 
 # -- tokens --------------------------------------------------------------------------
