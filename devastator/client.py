@@ -36,6 +36,14 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import orjson
 
+from .protocol.close_codes import (
+    CLOSE_INVALID_DATA,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_REPLACED,
+    CLOSE_REVOKED,
+    CLOSE_TOO_LARGE,
+    CLOSE_UNSUPPORTED_DATA,
+)
 from .protocol import FrameDecoder, Notification, Request, encode_frames
 from .protocol.errors import RpcError
 from .protocol.session import DELIVERY_METHODS, Answer, ClientSession, CloseNotice
@@ -45,7 +53,9 @@ RECONNECT_FIRST_DELAY = 0.1  # seconds; doubled after each failed attempt
 RECONNECT_MAX_DELAY = 5.0
 # Close codes after which connecting again cannot help (PROTOCOL.md 7): replaced,
 # revoked, and the client's own protocol errors.
-NO_RECONNECT_CODES = frozenset({1002, 1003, 1007, 1008, 4001, 4002})
+NO_RECONNECT_CODES = frozenset({
+    CLOSE_PROTOCOL_ERROR, CLOSE_UNSUPPORTED_DATA, CLOSE_INVALID_DATA, CLOSE_TOO_LARGE, CLOSE_REPLACED, CLOSE_REVOKED,
+})
 
 
 class ConnectionClosed(ConnectionError):

@@ -69,18 +69,12 @@ from .messages import (
     UserActorFailed,
     tell_if_alive,
 )
+from ..protocol.close_codes import CLOSE_INTERNAL_ERROR, CLOSE_NORMAL, CLOSE_REPLACED, CLOSE_REVOKED
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DeviceActor", "DeviceLimits", "DELIVERY_CHUNK", "CLOSE_INVALID_DATA", "CLOSE_OVERLOADED",
            "RETRY_AFTER_ANSWERS_MS"]
-
-# Why the server closes a connection (PROTOCOL.md 7), as conn.close and WebSocket codes;
-# the session has those it decides itself (1007, 1013).
-CLOSE_NORMAL = 1000
-CLOSE_INTERNAL_ERROR = 1011
-CLOSE_REPLACED = 4001
-CLOSE_REVOKED = 4002
 
 
 class Outbound(Protocol):

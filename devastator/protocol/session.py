@@ -46,6 +46,7 @@ from .jsonrpc import (
     encode_batch,
     encode_batches,
 )
+from .close_codes import CLOSE_INVALID_DATA, CLOSE_OVERLOADED
 
 __all__ = [
     "State",
@@ -68,8 +69,6 @@ __all__ = [
 ]
 
 # Close codes the session itself decides (PROTOCOL.md 7); the actor has the others.
-CLOSE_INVALID_DATA = 1007  # a frame that is not JSON: a protocol violation, no conn.close
-CLOSE_OVERLOADED = 1013
 # The protocol sends a backlog in JSON-RPC batches of at most this many requests.
 DELIVERY_CHUNK = 100
 # -32003 for a bound of the connection's own: its requests are answered within a commit or two.

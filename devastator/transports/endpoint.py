@@ -25,14 +25,13 @@ from ..actors.messages import ConnectionLost, ProtocolViolation, Received, tell_
 from ..admission import AdmissionControl
 from ..telemetry import Telemetry
 from .outbound import OutboundQueue
+from ..protocol.close_codes import CLOSE_GOING_AWAY, CLOSE_OVERLOADED
 
 log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 1024
 
 WRITER_DRAIN_SECONDS = 10.0
-CLOSE_GOING_AWAY = 1001
-CLOSE_OVERLOADED = 1013
 READS_IN_FLIGHT = 4  # reads told to a device actor and not yet picked up
 CREDIT_WAIT_SECONDS = 1.0
 

@@ -28,13 +28,13 @@ import gevent.event
 
 from ..identity import DeviceIdentity
 from ..protocol import Notification, encode
+from ..protocol.close_codes import CLOSE_SLOW_CONSUMER
 
 log = logging.getLogger(__name__)
 
 LINGER_SECONDS = 2.0
 CLOSE_DEADLINE_SECONDS = 5.0  # a close finishes by then, even with a peer that reads nothing
 MAX_DRAINED_BYTES = 65536  # input read and dropped while closing, before the reader gives up
-CLOSE_SLOW_CONSUMER = 4004
 
 
 class OutboundQueue:

@@ -34,6 +34,7 @@ from ..protocol.errors import InvalidRequest, RpcError
 from ..admission import AdmissionControl
 from ..telemetry import Telemetry
 from ..actors.messages import ProtocolViolation
+from ..protocol.close_codes import CLOSE_IDLE, CLOSE_PROTOCOL_ERROR  # on TLS the code is told, not sent
 from .endpoint import CLOSE_GOING_AWAY, Endpoint, Forward, half_close, listener, shut_socket
 from .outbound import OutboundQueue
 
@@ -43,8 +44,6 @@ READ_SIZE = 65536
 # A wake-up's reads are handed to the device actor together, up to this many bytes of frames:
 # a client writing one frame per TLS record would otherwise cost one actor message per frame.
 GATHER_BYTES = 4 * READ_SIZE
-CLOSE_IDLE = 4003
-CLOSE_FRAMING = 1002  # told to the device actor; on TLS the code is not sent
 
 
 class _HandshakeTimeout(Exception):
@@ -291,7 +290,7 @@ class FrameReader:
             self._frame_deadline = None
             self._conn.settimeout(self._idle_timeout)
             error = InvalidRequest(f"frame not complete within {self._frame_timeout:g} s")
-            self._forward(self._take_gathered(), ProtocolViolation(CLOSE_FRAMING, error.message, error))
+            self._forward(self._take_gathered(), ProtocolViolation(CLOSE_PROTOCOL_ERROR, error.message, error))
             self._violated, self._reason = True, f"framing violation: {error.message}"
             return None
         outbound.close(CLOSE_IDLE, "idle timeout")
@@ -326,7 +325,7 @@ class FrameReader:
         try:
             bodies = self._decoder.feed(data)
         except RpcError as error:
-            self._forward(self._take_gathered(), ProtocolViolation(CLOSE_FRAMING, error.message, error))
+            self._forward(self._take_gathered(), ProtocolViolation(CLOSE_PROTOCOL_ERROR, error.message, error))
             self._violated, self._reason = True, f"framing violation: {error.message}"
             return None
         if bodies:

@@ -22,15 +22,11 @@ from ..actors.messages import ProtocolViolation
 from ..protocol.errors import TooLarge
 from .endpoint import Forward
 from .outbound import OutboundQueue
+from ..protocol.close_codes import CLOSE_IDLE, CLOSE_TOO_LARGE, CLOSE_UNSUPPORTED_DATA
 
 READ_SIZE = 65536
 SUBPROTOCOL = "devastator.v1"
 
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_INVALID_DATA = 1007
-CLOSE_TOO_LARGE = 1008  # PROTOCOL.md 7 names 1008 (policy violation) for a message over the limit
-CLOSE_IDLE = 4003
 _MAX_CLOSE_REASON_BYTES = 123  # a close frame's payload is at most 125 bytes, 2 of them the code
 
 
