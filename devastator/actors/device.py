@@ -185,11 +185,6 @@ class DeviceActor(GreenletActor):
         )
         self._clock = clock
 
-    @property
-    def _pending_sends(self) -> int:
-        """``msg.send`` calls awaiting their answer (the session bounds them)."""
-        return self._session.pending_bounded
-
     def _count_error(self, code: int) -> None:
         self._telemetry.errors[code] += 1
 
@@ -254,7 +249,7 @@ class DeviceActor(GreenletActor):
             self._on_connection_lost()
         elif isinstance(message, ConnectionQuery):
             return {"user": self.user, "device": self.device, "remote": self._connection.remote,
-                    "pending_sends": self._pending_sends}
+                    "pending_sends": self._session.pending_bounded}
         self._flush()
         return None
 
