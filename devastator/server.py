@@ -396,9 +396,9 @@ class Server:
         for ref in (self.router_ref, self.store_ref):
             if ref is not None:
                 _stop_actor(ref, timeout)
-        # Device and user actors have stopped; a greenlet of theirs may still be ending
-        # (their greenlets live only while they have messages: actors/runtime.py).
-        GreenletActor.greenlets.join(timeout=timeout)
+        # Device and user actors have stopped; a run of theirs may still be ending
+        # (they have a greenlet only while they have messages: actors/runtime.py).
+        GreenletActor.runners.join(timeout=timeout)
         if self._redis_client is not None:  # its users (cluster actor, push dispatcher) have stopped
             self._redis_client.close()
         self._stopped.set()

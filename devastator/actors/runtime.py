@@ -1,11 +1,12 @@
-"""Actors whose greenlet lives only while they have messages: the device and user actors.
+"""Actors that have a greenlet only while they have messages: the device and user actors.
 
 pykka's ThreadingActor gives every actor a (gevent-patched) thread for its
 whole life: a greenlet blocked in ``inbox.get()`` with its saved C stack, its
 interpreter frame stack page, a ``Thread`` and a ``queue.Queue`` of three
 Conditions. An idle device or user actor needs none of that. Here the inbox
-is a deque, and a put into an inbox with no greenlet spawns one, which
-handles messages until the inbox is empty and then ends. Measured with
+is a deque, and a put into an inbox with no greenlet hands the actor's run to
+a greenlet of ``runners`` (runners.py: parked greenlets, reused), which
+handles messages until the inbox is empty and then goes back. Measured with
 bench/run.py --mode idle --connections 2000: 23.8 KiB less per idle TLS
 connection (61.9 -> 38.1 KiB: its device and user actors).
 
@@ -22,10 +23,10 @@ import collections
 import sys
 from typing import Any, ClassVar
 
-import gevent
 import pykka
-from gevent.pool import Group
 from pykka import ThreadingFuture
+
+from ..runners import Runners
 
 
 class _Inbox:
@@ -63,10 +64,10 @@ class _Inbox:
 
 
 class GreenletActor(pykka.Actor):
-    """A pykka actor run by a greenlet spawned on demand in ``greenlets`` (killed at shutdown)."""
+    """A pykka actor run on demand by a greenlet of ``runners``."""
 
-    greenlets: ClassVar[Group] = Group()  # the server waits for it after stopping the actors
-    _greenlet: gevent.Greenlet | None = None
+    runners: ClassVar[Runners] = Runners("actor")  # the server waits for them after stopping the actors
+    _running = False
 
     @staticmethod
     def _create_actor_inbox() -> _Inbox:
@@ -78,11 +79,13 @@ class GreenletActor(pykka.Actor):
 
     def _start_actor_loop(self) -> None:
         self.actor_inbox._actor = self
-        self._greenlet = self.greenlets.spawn(self._run, True)
+        self._running = True
+        self.runners.spawn(self._run, True)
 
     def _wake(self) -> None:
-        if self._greenlet is None:
-            self._greenlet = self.greenlets.spawn(self._run, False)
+        if not self._running:
+            self._running = True
+            self.runners.spawn(self._run, False)
 
     def _run(self, starting: bool) -> None:
         inbox = self.actor_inbox
@@ -94,9 +97,9 @@ class GreenletActor(pykka.Actor):
             if self.actor_stopped.is_set():
                 self._actor_loop_teardown()
         finally:
-            self._greenlet = None
+            self._running = False
             if not inbox.empty() and not self.actor_stopped.is_set():
-                self._wake()  # put while this greenlet was ending
+                self._wake()  # put while this run was ending
 
     def _handle_one(self, envelope) -> None:
         # The body of pykka's Actor._actor_loop_running, for one envelope.

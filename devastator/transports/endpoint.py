@@ -19,12 +19,12 @@ import gevent.socket
 import pykka
 from gevent.baseserver import BaseServer
 from gevent.lock import Semaphore
-from gevent.pool import Group
 
 from ..actors.messages import ConnectionLost, ProtocolViolation, Received, tell_if_alive
 from ..admission import AdmissionControl
 from ..telemetry import Telemetry
 from .outbound import OutboundQueue
+from ..runners import Runners
 from ..protocol.close_codes import CLOSE_GOING_AWAY, CLOSE_OVERLOADED
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class Endpoint:
         self._max_outbound_bytes = max_outbound_bytes
         self._telemetry = telemetry or Telemetry()
         self._admission = admission  # asked before a connection is served; None: every one is
-        self._writers = Group()
+        self._writers = Runners(f"{self.name} writer")  # each connection's writer, while it has output
         self._connections: set[OutboundQueue] = set()
         self._server: BaseServer  # set by the subclass
 
@@ -84,10 +84,8 @@ class Endpoint:
         self._server.stop(timeout=timeout)
         self._writers.kill(timeout=timeout)
 
-    def _spawn_writer(self, write: Callable[[], None]) -> gevent.Greenlet:
-        writer = self._writers.spawn(write)
-        writer.link_exception(lambda crashed: log.error("%s writer crashed: %r", self.name, crashed.exception))
-        return writer
+    def _spawn_writer(self, write: Callable[[], None]) -> None:
+        self._writers.spawn(write)
 
     def _serve(self, outbound: OutboundQueue, read: Callable[[Forward], str]) -> None:
         """Run one connection: ``read(forward)`` loops until the end and says why it ended.

@@ -41,7 +41,7 @@ class OutboundQueue:
     # One per connection, so no instance dict (a few hundred bytes each over thousands of connections).
     __slots__ = (
         "_write", "_shut", "_half_close", "_closing_handshake", "_spawn", "_max_bytes", "remote", "peer_identity",
-        "_queued", "_queued_bytes", "_writer", "_closing", "_close_code", "_close_reason", "_shut_done",
+        "_queued", "_queued_bytes", "_writing", "_closing", "_close_code", "_close_reason", "_shut_done",
         "_peer_done", "_drained_bytes", "slow_consumer", "close_code", "__weakref__",
     )
 
@@ -50,7 +50,7 @@ class OutboundQueue:
         *,
         write: Callable[[list[bytes]], None],
         shut: Callable[[], None],
-        spawn: Callable[[Callable[[], None]], gevent.Greenlet],
+        spawn: Callable[[Callable[[], None]], None],
         max_bytes: int,
         remote: str,
         peer_identity: DeviceIdentity | None = None,
@@ -70,7 +70,7 @@ class OutboundQueue:
         self.peer_identity = peer_identity
         self._queued: list[bytes] = []
         self._queued_bytes = 0
-        self._writer: gevent.Greenlet | None = None
+        self._writing = False  # a writer runs _run
         self._closing = False
         self._close_code: int | None = None
         self._close_reason = ""
@@ -139,8 +139,9 @@ class OutboundQueue:
             self._shut()
 
     def _start_writer(self) -> None:
-        if self._writer is None and not self._shut_done.is_set():
-            self._writer = self._spawn(self._run)
+        if not self._writing and not self._shut_done.is_set():
+            self._writing = True
+            self._spawn(self._run)
 
     def _run(self) -> None:
         try:
@@ -159,7 +160,7 @@ class OutboundQueue:
                     self._peer_done.wait(LINGER_SECONDS)
             self._closing = True  # finished, or the write failed
         finally:
-            self._writer = None
+            self._writing = False
             if self._closing:
                 self._shut_done.set()
                 self._shut()

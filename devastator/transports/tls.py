@@ -37,6 +37,7 @@ from ..actors.messages import ProtocolViolation
 from ..protocol.close_codes import CLOSE_IDLE, CLOSE_PROTOCOL_ERROR  # on TLS the code is told, not sent
 from .endpoint import CLOSE_GOING_AWAY, Endpoint, Forward, half_close, listener, shut_socket
 from .outbound import OutboundQueue
+from ..runners import Runners
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ class TlsTransport(Endpoint):
         self._places_taken = 0  # connections accepted and not yet closed, with a greenlet or without
         self._no_connections = gevent.event.Event()
         self._no_connections.set()
-        self._handlers = Group()  # handshakes, and readers while input arrives
+        self._handlers = Group()  # handshakes
+        self._reading = Runners(f"{self.name} reader")  # readers, while input arrives
         self._readers: set[_OnDemandReader] = set()
         self._server = StreamServer(listener(host, port, reuse_port=reuse_port), self._handle,
                                     spawn=self._spawn_handler)
@@ -94,7 +96,7 @@ class TlsTransport(Endpoint):
 
     @property
     def greenlet_count(self) -> int:
-        return len(self._handlers) + len(self._writers)
+        return len(self._handlers) + len(self._reading) + len(self._writers)
 
     def stop(self, timeout: float) -> None:
         self._server.close()  # no new connections
@@ -105,6 +107,8 @@ class TlsTransport(Endpoint):
             reader.shut()  # still open: its reader sees the end and tells the device actor
         self._handlers.join(timeout=1)
         self._handlers.kill(timeout=1)
+        self._reading.join(timeout=1)
+        self._reading.kill(timeout=1)
         self._writers.kill(timeout=timeout)
 
     def _full(self) -> bool:
@@ -113,11 +117,8 @@ class TlsTransport(Endpoint):
     def _spawn_handler(self, handle: Callable, *args) -> gevent.Greenlet:
         self._places_taken += 1
         self._no_connections.clear()
-        return self._spawn_reader(handle, *args)
-
-    def _spawn_reader(self, run: Callable, *args) -> gevent.Greenlet:
-        greenlet = self._handlers.spawn(run, *args)
-        greenlet.link_exception(lambda crashed: log.error("%s reader crashed: %r", self.name, crashed.exception))
+        greenlet = self._handlers.spawn(handle, *args)
+        greenlet.link_exception(lambda crashed: log.error("%s handshake crashed: %r", self.name, crashed.exception))
         return greenlet
 
     def _release_place(self) -> None:
@@ -185,7 +186,7 @@ class TlsTransport(Endpoint):
 
             frames = FrameReader(conn, forward, outbound, self._max_frame_bytes, frame_timeout=self._frame_timeout,
                                  gather=True)
-            reader = _OnDemandReader(conn, frames, spawn=self._spawn_reader, ended=ended)
+            reader = _OnDemandReader(conn, frames, spawn=self._reading.spawn, ended=ended)
             self._readers.add(reader)
             reader.start()
             return True
@@ -360,7 +361,7 @@ class _OnDemandReader:
     __slots__ = ("_conn", "_frames", "_spawn", "_ended", "_readable", "_deadline", "_deadline_is_frames",
                  "_reading", "_shut", "_done")
 
-    def __init__(self, conn, frames: FrameReader, *, spawn: Callable[..., gevent.Greenlet],
+    def __init__(self, conn, frames: FrameReader, *, spawn: Callable[..., None],
                  ended: Callable[[str], None]):
         self._conn = conn
         self._frames = frames
