@@ -21,7 +21,7 @@ import contextlib
 import secrets
 import sqlite3
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import gevent
 import gevent.threadpool
@@ -135,6 +135,9 @@ LATER_COLUMNS = (
 )
 # Indexes on later columns: made once the columns surely exist.
 LATER_INDEXES = "CREATE INDEX IF NOT EXISTS devices_by_push_token ON devices (push_token);"
+# A device has an entry: its pending row goes, and the entry once no device waits for it.
+ACK_PENDING = "DELETE FROM pending WHERE user = ? AND device = ? AND seq = ?"
+RETIRE_MESSAGE = "DELETE FROM messages WHERE seq = ? AND NOT EXISTS (SELECT 1 FROM pending WHERE pending.seq = ?)"
 # Servers poll removals every second or so; a day is ample for one to catch up.
 REMOVALS_KEPT_MS = 24 * 3600 * 1000
 REGISTRATION_BYTES = 12
@@ -179,7 +182,7 @@ class SqliteStore:
         # Within one transaction (BEGIN IMMEDIATE: no other process writes meanwhile), each
         # user's devices are read once: user -> [(device, push platform, push token)]. Calls
         # that change devices forget the user's entry; every transaction's end forgets all.
-        self._devices_now: dict[str, list[tuple[str, str | None, str | None]]] = {}
+        self._devices_now: dict[str, _UserDevices] = {}
         # Users who may have wanted_receipts rows (a superset: rebuilt at open and at each purge;
         # only this process makes such rows, as a SQLite store has one server process), so an
         # ACK of a user with none costs no query.
@@ -307,8 +310,7 @@ class SqliteStore:
                     )
             if sender not in recipients:
                 copy = self._store_copy(
-                    message_id, sender, message_json, now_ms, expires, to_json or orjson.dumps(list(recipients)),
-                    origin_device,
+                    message_id, sender, message_json, now_ms, expires, recipients, to_json, origin_device
                 )
                 if copy is not None:
                     stored.append(copy)
@@ -330,34 +332,38 @@ class SqliteStore:
         The owner's devices with push tokens are added to ``push_targets`` (unless None).
         """
         db = self._conn
+        # The devices read once a transaction (_devices_of), not looked up again per entry.
         devices = self._devices_of(owner)
-        if push_targets is not None:
-            push_targets.extend(
-                PushTarget(owner, device, platform, token) for device, platform, token in devices if token is not None
-            )
+        if push_targets is not None and devices.push_targets:
+            push_targets.extend(devices.push_targets)
         seq = db.execute(
             "INSERT INTO messages (id, sender, recipient, body, ts, expires, kind) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (entry_id, sender, owner, body, now_ms, expires, kind),
         ).lastrowid
-        # The devices read once a transaction (_devices_of), not looked up again per entry.
-        if len(devices) == 1:
-            db.execute("INSERT INTO pending (user, device, seq) VALUES (?, ?, ?)", (owner, devices[0][0], seq))
-        elif devices:
+        ids = devices.ids
+        if len(ids) == 1:
+            db.execute("INSERT INTO pending (user, device, seq) VALUES (?, ?, ?)", (owner, ids[0], seq))
+        elif ids:
             db.executemany("INSERT INTO pending (user, device, seq) VALUES (?, ?, ?)",
-                           [(owner, device, seq) for device, _, _ in devices])
-        self._count("messages", 1)
-        self._count("pending", len(devices))
+                           [(owner, device, seq) for device in ids])
+        deltas = self._deltas  # _count, inline: this runs for every entry
+        deltas["messages"] += 1
+        deltas["pending"] += len(ids)
         return seq
 
     def _store_copy(
-        self, message_id: str, sender: str, body: bytes, now_ms: int, expires: int, to_json: bytes,
-        origin_device: str | None,
+        self, message_id: str, sender: str, body: bytes, now_ms: int, expires: int, recipients: Sequence[str],
+        to_json: bytes, origin_device: str | None,
     ) -> StoredMessage | None:
-        """The sender's COPY, for its devices but ``origin_device``; None when it has no such device."""
+        """The sender's COPY, for its devices but ``origin_device``; None when it has no such device.
+
+        Its ``to`` is ``to_json``, or else the recipients'.
+        """
         db = self._conn
-        devices = [device for device, _, _ in self._devices_of(sender) if device != origin_device]
+        devices = [device for device in self._devices_of(sender).ids if device != origin_device]
         if not devices:
-            return None
+            return None  # the usual case: a sender with one device
+        to_json = to_json or orjson.dumps(list(recipients))
         seq = db.execute(
             "INSERT INTO messages (id, sender, recipient, body, ts, expires, kind, to_json)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -428,15 +434,13 @@ class SqliteStore:
         db = self._conn
         with self.batch():
             receipts = self._delivered_receipts(user, seqs, now_ms)
-            done = db.executemany(
-                "DELETE FROM pending WHERE user = ? AND device = ? AND seq = ?",
-                [(user, device, seq) for seq in seqs],
-            ).rowcount
-            retired = db.executemany(
-                "DELETE FROM messages WHERE seq = ?"
-                " AND NOT EXISTS (SELECT 1 FROM pending WHERE pending.seq = ?)",
-                [(seq, seq) for seq in seqs],
-            ).rowcount
+            if len(seqs) == 1:  # one at a time, as a chat client ACKs: no parameter lists to build
+                seq = seqs[0]
+                done = db.execute(ACK_PENDING, (user, device, seq)).rowcount
+                retired = db.execute(RETIRE_MESSAGE, (seq, seq)).rowcount
+            else:
+                done = db.executemany(ACK_PENDING, [(user, device, seq) for seq in seqs]).rowcount
+                retired = db.executemany(RETIRE_MESSAGE, [(seq, seq) for seq in seqs]).rowcount
             self._count("pending", -done)
             self._count("messages", -retired)
         return receipts
@@ -596,11 +600,7 @@ class SqliteStore:
             self._count("devices", -1)
             self._count("pending", -len(seqs))
             if db.execute("SELECT 1 FROM devices WHERE user = ? LIMIT 1", (user,)).fetchone() is not None:
-                retired = db.executemany(
-                    "DELETE FROM messages WHERE seq = ?"
-                    " AND NOT EXISTS (SELECT 1 FROM pending WHERE pending.seq = ?)",
-                    [(seq, seq) for seq in seqs],
-                ).rowcount
+                retired = db.executemany(RETIRE_MESSAGE, [(seq, seq) for seq in seqs]).rowcount
                 self._count("messages", -retired)
         return True
 
@@ -689,13 +689,18 @@ class SqliteStore:
             user for (user,) in self._conn.execute("SELECT DISTINCT recipient FROM wanted_receipts")
         }
 
-    def _devices_of(self, user: str) -> list[tuple[str, str | None, str | None]]:
-        """(device, push platform, push token) of each of the user's devices, read once a transaction."""
+    def _devices_of(self, user: str) -> _UserDevices:
+        """The user's devices, read once a transaction."""
         devices = self._devices_now.get(user)
         if devices is None:
-            devices = self._devices_now[user] = self._conn.execute(
+            rows = self._conn.execute(
                 "SELECT device, push_platform, push_token FROM devices WHERE user = ?", (user,)
             ).fetchall()
+            devices = self._devices_now[user] = _UserDevices(
+                tuple(device for device, _, _ in rows),
+                tuple(PushTarget(user, device, platform, token) for device, platform, token in rows
+                      if token is not None),
+            )
         return devices
 
     def _user_exists(self, user: str) -> bool:
@@ -707,6 +712,11 @@ class SqliteStore:
             self._known_users.clear()
         self._known_users.add(user)
         return True
+
+
+class _UserDevices(NamedTuple):
+    ids: tuple[str, ...]
+    push_targets: tuple[PushTarget, ...]  # of those with a push token
 
 
 def _count_once(db: sqlite3.Connection) -> None:
