@@ -10,8 +10,9 @@ store's worker thread): ``append_many`` of ``--group`` sends in one batch
 (``fill``: messages to recipients with one device each, as to offline
 devices), then, for ``round``, one batch ACKing them (as the devices of an
 online run do). CPU is the whole process's (both threads: SQLite, the fsync,
-the store's Python), per message. The server's own CPU per message can be no
-lower than this; bench/run.py reports that and Mosquitto's side by side.
+the store's Python), per message. With groups of the same size the server's
+own CPU per message can be no lower; bench/run.py reports that and
+Mosquitto's side by side.
 """
 from __future__ import annotations
 
