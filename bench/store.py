@@ -21,6 +21,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -71,6 +72,11 @@ def measure(group: int, messages: int, history_period_ms: int, body: bytes) -> d
                         store.checkpoint()  # (outside the timing: the actor runs it beside the commits)
                         next_checkpoint = time.monotonic() + CHECKPOINT_INTERVAL
                 figures[phase] = {"cpu_us": cpu / messages * 1e6, "per_second": messages / wall}
+                # Checked, as bench/run.py checks its deliveries: the fill's entries wait, the round's are gone.
+                stats = store.stats()
+                if stats["messages"] != messages or stats["pending"] != messages:
+                    raise SystemExit(f"store: after the {phase}, {stats['messages']} entries and"
+                                     f" {stats['pending']} pending rows, not {messages}")
             return figures
         finally:
             store.close()
@@ -83,16 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--history-period", type=float, default=30.0,
                         help="days of history kept, as the server's history_period (30; 0: none)")
     parser.add_argument("--body-bytes", type=int, default=64, help="bytes of each message's JSON (64)")
+    parser.add_argument("--json", action="store_true", help="also print one JSON line of the figures")
     args = parser.parse_args(argv)
     body = b'"' + b"x" * max(0, args.body_bytes - 2) + b'"'
     history_ms = int(args.history_period * DAY_MS)
     print(f"store: SQLite, history {'kept' if history_ms else 'off'}, {args.messages:,} messages per phase, "
           f"{args.body_bytes}-byte messages")
+    results = {}
     for group in (int(text) for text in args.groups.split(",")):
-        figures = measure(group, args.messages, history_ms, body)
+        figures = results[group] = measure(group, args.messages, history_ms, body)
         fill, round_ = figures["fill"], figures["round"]
         print(f"  group {group:>5}: fill {fill['cpu_us']:6.1f} us/msg ({fill['per_second']:>9,.0f}/s)   "
               f"send + ACK {round_['cpu_us']:6.1f} us/msg ({round_['per_second']:>9,.0f}/s)")
+    if args.json:
+        print(json.dumps(results))
     return 0
 
 
