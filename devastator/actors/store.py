@@ -2,7 +2,11 @@
 
 Every request that reaches the store actor waits in a queue until its inbox is
 empty (or the queue is long); then the whole queue runs in one transaction with
-one fsync, and only after the commit are the answers told. That is how
+one fsync, and only after the commit are the answers told. A queue of nothing
+but requests that answer nobody (ACKs: ``Route.may_wait``) waits up to
+``hold`` for company: one message at a time, a device's ACK comes just before
+its sender's next msg.send, and the two then share a commit instead of the
+send waiting behind the ACK's (a commit costs ~100 µs of CPU and an fsync). That is how
 ``msg.send`` answers after its message is durable without an fsync per message.
 SQLite's statements run in this actor's greenlet (in a worker thread every
 statement would wait for the GIL); only the COMMIT, its fsync, runs in a worker
@@ -43,6 +47,7 @@ from typing import Any, Callable
 import gevent
 import gevent.event
 import pykka
+from gevent.pool import Group
 
 from ..outage_log import OutageLog
 from ..protocol.errors import Forbidden, InternalError, UnknownRecipient
@@ -111,6 +116,9 @@ MAYBE_STORED = (
 )
 STORE_FAILED = "the message store failed; retry later"
 
+# Seconds a queue of requests that answer nobody (ACKs) may wait for one that does.
+HOLD = 0.005
+
 # The questions the store actor answers at once.
 QUERIES = (HealthQuery, CommitCountsQuery, StoreStatsQuery, StoredUserQuery, PendingQuery)
 
@@ -123,6 +131,7 @@ class StoreActor(pykka.ThreadingActor):
         max_group: int = 2000,
         checkpoint_interval: float = 1.0,
         retry_interval: float = RETRY_INTERVAL,
+        hold: float = HOLD,
         telemetry: Telemetry | None = None,
     ):
         super().__init__()
@@ -130,6 +139,10 @@ class StoreActor(pykka.ThreadingActor):
         self._telemetry = telemetry or Telemetry()
         self._max_group = max_group
         self._queued: list = []
+        self._hold = hold
+        self._queue_may_wait = True  # every queued request may wait (Route.may_wait)
+        self._holding = False  # the queue waits for company; _CommitDue ends the wait
+        self._timers = Group()  # the hold's timer
         self.commits = 0
         self.committed_requests = 0
         self._checkpoint_interval = checkpoint_interval
@@ -149,24 +162,40 @@ class StoreActor(pykka.ThreadingActor):
         self._store.open()
 
     def on_stop(self) -> None:
+        self._timers.kill()
         self._commit_queued()
         self._wait_checkpoint()
         self._store.close()
 
     def on_failure(self, exception_type, exception_value, traceback) -> None:
+        self._timers.kill()
         self._wait_checkpoint()
         self._store.close()
 
     def on_receive(self, message):
+        if type(message) is _CommitDue:
+            self._holding = False
+            self._commit_queued()
+            return None
         query = isinstance(message, QUERIES)
         if not query:
-            if type(message) in ROUTES:
+            route = ROUTES.get(type(message))
+            if route is not None:
                 self._queued.append(message)
+                self._queue_may_wait = self._queue_may_wait and route.may_wait
             else:  # a sender's bug: it would fail the whole group it joined
                 self._bugs.warning(f"unknown {type(message).__name__}",
                                    "the store actor does not handle %r (dropped)", message)
-        if len(self._queued) >= self._max_group or self.actor_inbox.empty():
+        if len(self._queued) >= self._max_group:
             self._commit_queued()
+        elif self._queued and self.actor_inbox.empty():
+            if query or not self._hold or not self._queue_may_wait:  # a question sees what came before it
+                self._commit_queued()
+            elif not self._holding:
+                self._holding = True
+                timer = gevent.Greenlet(tell_if_alive, self.actor_ref, _CommitDue())
+                self._timers.add(timer)
+                timer.start_later(self._hold)
         return self._answer_query(message) if query else None
 
     def _answer_query(self, query):
@@ -196,6 +225,7 @@ class StoreActor(pykka.ThreadingActor):
         if not self._queued:
             return
         requests, self._queued = self._queued, []
+        self._queue_may_wait = True
         now_ms = int(time.time() * 1000)
         telemetry = self._telemetry
         started = time.perf_counter()
@@ -306,6 +336,10 @@ class StoreActor(pykka.ThreadingActor):
 # -- the dispatch table -------------------------------------------------------------------
 
 
+class _CommitDue:
+    """The hold is over: commit what waits (told by the actor's own timer)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """How the store actor serves one type of request.
@@ -326,6 +360,8 @@ class Route:
     reply: Callable[[Any, Any, _Replies], None]
     grouped: bool = False
     failed_after: Callable[[Any, StoreError], Any] | None = None  # None: failed(request, True)
+    # It answers nobody, so it may wait (StoreActor's hold) for a request that does.
+    may_wait: bool = False
 
     def failed_on_its_own(self, request, error: StoreError):
         if self.failed_after is None:
@@ -621,7 +657,7 @@ def _nothing_failed(request, may_have_landed: bool) -> None:
 
 ROUTES: dict[type, Route] = {
     Append: Route(_append_many, _send_failed, _reply_send, grouped=True, failed_after=_send_failed_after),
-    Ack: Route(_ack, _receipts_failed, _reply_receipts, failed_after=_receipts_failed_after),
+    Ack: Route(_ack, _receipts_failed, _reply_receipts, failed_after=_receipts_failed_after, may_wait=True),
     MarkRead: Route(_mark_read, _receipts_failed, _reply_read, failed_after=_receipts_failed_after),
     LoadPending: Route(_load_pending, _pending_failed, _tell_asker),
     AttachDevice: Route(_attach_device, _attach_failed, _tell_asker),

@@ -33,7 +33,7 @@ from devastator.actors.messages import (
 )
 from devastator.protocol.errors import FORBIDDEN, INTERNAL_ERROR, UNKNOWN_RECIPIENT
 from devastator.actors.messages import MarkRead, ReadMarked
-from devastator.store import RECEIPT, RedisStore, SqliteStore, StoreError, StoreUnavailableError, receipt_id
+from devastator.store import MESSAGE, RECEIPT, RedisStore, SqliteStore, StoreError, StoreUnavailableError, receipt_id
 from redis_server import (  # noqa: F401 (fixtures)
     RedisServer,
     ReplyCutter,
@@ -232,6 +232,70 @@ def test_acked_messages_are_no_longer_pending(start_store, sender, router, phone
 
     assert user.next(DeviceAttached).pending == 1
     assert user.next(PendingLoaded).messages == (stored[1],)
+
+
+def test_an_ack_alone_waits_for_the_next_send_and_they_share_one_commit(db_path, sender, router):
+    # One message at a time, a device's ACK comes just before its sender's next msg.send.
+    store = StoreActor.start(store=SqliteStore(db_path, synchronous="NORMAL"), hold=60.0)
+    try:
+        store.tell(Append("bob", ("alice",), b'"1"', None, TTL, 1, sender.ref, router.ref, receipt=True))
+        (stored,) = router.next(Committed).messages
+        sender.next(SendResults)
+        before = store.ask(CommitCountsQuery())
+
+        store.tell(Ack("alice", "phone", (stored.seq,), router.ref))
+        store.tell(append(2, sender, router))
+
+        assert sender.next(SendResults).results[0].request_key == 2
+        told = committed(router, 2)  # the receipt the ACK made, and the new message
+        assert sorted(message.kind for message in told) == sorted([RECEIPT, MESSAGE])
+        after = store.ask(CommitCountsQuery())
+        assert after["commits"] == before["commits"] + 1
+        assert after["committed_requests"] == before["committed_requests"] + 2
+    finally:
+        store.stop()
+
+
+def test_an_ack_alone_is_committed_once_the_hold_is_over(db_path, sender, router):
+    store = StoreActor.start(store=SqliteStore(db_path, synchronous="NORMAL"), hold=0.05)
+    try:
+        store.tell(Append("bob", ("alice",), b'"1"', None, TTL, 1, sender.ref, router.ref, receipt=True))
+        (stored,) = router.next(Committed).messages
+        sender.next(SendResults)
+        told_at = time.monotonic()
+
+        store.tell(Ack("alice", "phone", (stored.seq,), router.ref))
+
+        (delivered,) = router.next(Committed).messages  # told after the commit the hold's end made
+        assert delivered.kind == RECEIPT and delivered.recipient == "bob"
+        assert time.monotonic() - told_at >= 0.05
+    finally:
+        store.stop()
+
+
+def test_a_question_after_an_ack_sees_it_committed_without_waiting_for_the_hold(db_path, sender, router):
+    store = StoreActor.start(store=SqliteStore(db_path, synchronous="NORMAL"), hold=60.0)
+    try:
+        store.tell(append(1, sender, router))
+        (stored,) = committed(router, 1)
+        store.tell(Ack("alice", "phone", (stored.seq,)))
+        assert store.ask(StoreStatsQuery())["pending"] == 0
+    finally:
+        store.stop()
+
+
+def test_a_stop_commits_a_held_ack(db_path, sender, router):
+    store = StoreActor.start(store=SqliteStore(db_path, synchronous="NORMAL"), hold=60.0)
+    store.tell(append(1, sender, router))
+    (stored,) = committed(router, 1)
+    store.tell(Ack("alice", "phone", (stored.seq,)))
+    store.stop()
+    reopened = SqliteStore(db_path)
+    reopened.open()
+    try:
+        assert reopened.stats()["pending"] == 0
+    finally:
+        reopened.close()
 
 
 def test_attaching_a_device_of_an_unknown_user_is_forbidden(start_store):
