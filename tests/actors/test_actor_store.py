@@ -234,13 +234,19 @@ def test_acked_messages_are_no_longer_pending(start_store, sender, router, phone
     assert user.next(PendingLoaded).messages == (stored[1],)
 
 
+def _stored_asking_receipts(store, sender, router):
+    """bob's message to alice, which asks for receipts, stored and answered."""
+    store.tell(Append("bob", ("alice",), b'"1"', None, TTL, 1, sender.ref, router.ref, receipt=True))
+    (stored,) = router.next(Committed).messages
+    sender.next(SendResults)
+    return stored
+
+
 def test_an_ack_alone_waits_for_the_next_send_and_they_share_one_commit(db_path, sender, router):
     # One message at a time, a device's ACK comes just before its sender's next msg.send.
     store = StoreActor.start(store=SqliteStore(db_path, synchronous="NORMAL"), hold=60.0)
     try:
-        store.tell(Append("bob", ("alice",), b'"1"', None, TTL, 1, sender.ref, router.ref, receipt=True))
-        (stored,) = router.next(Committed).messages
-        sender.next(SendResults)
+        stored = _stored_asking_receipts(store, sender, router)
         before = store.ask(CommitCountsQuery())
 
         store.tell(Ack("alice", "phone", (stored.seq,), router.ref))
@@ -259,9 +265,7 @@ def test_an_ack_alone_waits_for_the_next_send_and_they_share_one_commit(db_path,
 def test_an_ack_alone_is_committed_once_the_hold_is_over(db_path, sender, router):
     store = StoreActor.start(store=SqliteStore(db_path, synchronous="NORMAL"), hold=0.05)
     try:
-        store.tell(Append("bob", ("alice",), b'"1"', None, TTL, 1, sender.ref, router.ref, receipt=True))
-        (stored,) = router.next(Committed).messages
-        sender.next(SendResults)
+        stored = _stored_asking_receipts(store, sender, router)
         told_at = time.monotonic()
 
         store.tell(Ack("alice", "phone", (stored.seq,), router.ref))
