@@ -180,7 +180,7 @@ class SqliteStore:
         # written to ``counts`` in the same transaction, just before it commits.
         self._deltas = dict.fromkeys(COUNTED, 0)
         # Within one transaction (BEGIN IMMEDIATE: no other process writes meanwhile), each
-        # user's devices are read once: user -> [(device, push platform, push token)]. Calls
+        # user's devices are read once: user -> its device ids and push targets. Calls
         # that change devices forget the user's entry; every transaction's end forgets all.
         self._devices_now: dict[str, _UserDevices] = {}
         # Users who may have wanted_receipts rows (a superset: rebuilt at open and at each purge;

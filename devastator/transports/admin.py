@@ -91,7 +91,7 @@ class AdminTransport(Endpoint):
             write=lambda bodies: conn.sendall(encode_frames(bodies)),
             shut=lambda: shut_socket(conn),
             half_close=lambda: half_close(conn),
-            spawn=self._spawn_writer,
+            spawn=self._writers.spawn,
             max_bytes=self._max_outbound_bytes,
             remote=f"admin pid {pid}",
         )

@@ -1,7 +1,7 @@
 """What both endpoints share: their listener, live connections and writer greenlets.
 
 A connection's life is the same on either endpoint: a bounded outbound queue
-(its writer greenlets belong to the endpoint's group), a device actor, a reader
+(its writer runs in the endpoint's ``Runners``), a device actor, a reader
 (a loop in the connection's greenlet, or on TLS reads on demand: tls.py); when
 the input ends the device actor is told why, and what was queued is written
 before the socket shuts.
@@ -83,9 +83,6 @@ class Endpoint:
             outbound.close(CLOSE_GOING_AWAY, "server shutting down")
         self._server.stop(timeout=timeout)
         self._writers.kill(timeout=timeout)
-
-    def _spawn_writer(self, write: Callable[[], None]) -> None:
-        self._writers.spawn(write)
 
     def _serve(self, outbound: OutboundQueue, read: Callable[[Forward], str]) -> None:
         """Run one connection: ``read(forward)`` loops until the end and says why it ended.

@@ -298,7 +298,7 @@ class HttpTransport(Endpoint):
             shut=lambda: shut_socket(sock),
             half_close=lambda: half_close(sock),
             closing_handshake=session.closing_handshake,
-            spawn=self._spawn_writer,
+            spawn=self._writers.spawn,
             max_bytes=self._max_outbound_bytes,
             remote=remote,
         )

@@ -6,8 +6,8 @@ frames, and the connection's device actor is told them); between reads a
 libev watcher waits for input and a timer for the read's deadline. A greenlet
 blocked in recv would cost ~10 KiB per connection (its saved C stack, its
 page of interpreter frames), and most connections are idle most of the time.
-Writing is the OutboundQueue's (its writer greenlet also lives only while
-there is output). A framing violation gets one JSON-RPC error and the
+Writing is the OutboundQueue's (its writer also runs only while there is
+output). Reads and writes run in greenlets kept between them (runners.py). A framing violation gets one JSON-RPC error and the
 connection closes. The TLS handshake and, once its first byte arrived, each
 frame must arrive whole within their deadlines, so that clients sending half
 a header or half a body cannot hold connections (and the server's
@@ -164,7 +164,7 @@ class TlsTransport(Endpoint):
             write=lambda bodies: conn.sendall(encode_frames(bodies)),
             shut=lambda: reader.shut() if reader is not None else shut_socket(conn),
             half_close=lambda: half_close(conn),
-            spawn=self._spawn_writer,
+            spawn=self._writers.spawn,
             max_bytes=self._max_outbound_bytes,
             remote=remote,
             peer_identity=client_identity(conn.getpeercert(binary_form=True)),
@@ -348,7 +348,7 @@ class FrameReader:
 
 
 class _OnDemandReader:
-    """Reads a connection when input arrives, in a greenlet that ends when none is left.
+    """Reads a connection when input arrives, in a task that ends when none is left (runners.py).
 
     Between reads a libev watcher waits for the socket to become readable and
     a timer for the read's deadline (FrameReader.next_timeout). Once woken,
