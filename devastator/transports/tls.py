@@ -7,11 +7,12 @@ libev watcher waits for input and a timer for the read's deadline. A greenlet
 blocked in recv would cost ~10 KiB per connection (its saved C stack, its
 page of interpreter frames), and most connections are idle most of the time.
 Writing is the OutboundQueue's (its writer also runs only while there is
-output). Reads and writes run in greenlets kept between them (runners.py). A framing violation gets one JSON-RPC error and the
-connection closes. The TLS handshake and, once its first byte arrived, each
-frame must arrive whole within their deadlines, so that clients sending half
-a header or half a body cannot hold connections (and the server's
-``max_connections`` places) for the idle timeout.
+output). Reads and writes run in greenlets kept between them (runners.py).
+A framing violation gets one JSON-RPC error and the connection closes. The
+TLS handshake and, once its first byte arrived, each frame must arrive whole
+within their deadlines, so that clients sending half a header or half a body
+cannot hold connections (and the server's ``max_connections`` places) for the
+idle timeout.
 """
 from __future__ import annotations
 
