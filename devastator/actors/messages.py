@@ -1,23 +1,23 @@
-"""The messages actors tell each other: small frozen dataclasses, never dicts.
+"""The messages actors tell each other: small frozen dataclasses (``@frozen``), never dicts.
 
 A message that expects an answer names the actor to answer (``reply_to``), so
 that no actor ever blocks on another: the answer is one more message.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from pykka import ActorDeadError, ActorRef
 
 from ..protocol.errors import RpcError
+from ..records import frozen
 from ..store import PushTarget, StoredMessage
 
 
 # -- transport -> device ------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Received:
     """JSON values (one per frame) read from the connection, in order.
 
@@ -33,7 +33,7 @@ class Received:
     pause: Callable[[float], None] | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ProtocolViolation:
     """The transport read something it cannot frame (PROTOCOL.md 2, RFC 6455).
 
@@ -47,7 +47,7 @@ class ProtocolViolation:
     error: RpcError | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ConnectionLost:
     reason: str
 
@@ -55,7 +55,7 @@ class ConnectionLost:
 # -- device -> store -> device/router ------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Append:
     """Store a ``msg.send``; answer ``reply_to`` with SendResults, tell ``notify`` Committed.
 
@@ -77,7 +77,7 @@ class Append:
     origin_device: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class SendResult:
     request_key: int
     id: str | None = None
@@ -85,12 +85,12 @@ class SendResult:
     error: RpcError | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class SendResults:
     results: tuple[SendResult, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Committed:
     """Mailbox entries made durable, in acceptance order."""
 
@@ -105,7 +105,7 @@ class Committed:
 # -- device -> router -> user --------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DeviceOnline:
     """A connection presents credentials for a device; the store checks ``registration``."""
 
@@ -116,7 +116,7 @@ class DeviceOnline:
     request_key: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DeviceOffline:
     user: str
     device: str
@@ -126,7 +126,7 @@ class DeviceOffline:
 # -- user -> store -> user -----------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class AttachDevice:
     user: str
     device: str
@@ -136,7 +136,7 @@ class AttachDevice:
     reply_to: ActorRef
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DeviceAttached:
     device: str
     device_ref: ActorRef
@@ -145,7 +145,7 @@ class DeviceAttached:
     error: RpcError | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class LoadPending:
     user: str
     device: str
@@ -154,7 +154,7 @@ class LoadPending:
     reply_to: ActorRef
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class PendingLoaded:
     device: str
     after_seq: int
@@ -163,7 +163,7 @@ class PendingLoaded:
     failed: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Ack:
     """The device has these deliveries; receipts they make are told to ``notify`` as Committed."""
 
@@ -173,7 +173,7 @@ class Ack:
     notify: ActorRef | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class MarkRead:
     """``msg.read``: store read receipts; answer ``reply_to`` ReadMarked, tell ``notify`` Committed."""
 
@@ -184,13 +184,13 @@ class MarkRead:
     notify: ActorRef
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ReadMarked:
     request_key: int
     error: RpcError | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class LoadHistory:
     """``msg.history``: a page of the conversation of ``user`` with ``peer``, newest first."""
 
@@ -202,7 +202,7 @@ class LoadHistory:
     reply_to: ActorRef
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class HistoryLoaded:
     request_key: int
     messages: tuple[StoredMessage, ...] = ()
@@ -210,7 +210,7 @@ class HistoryLoaded:
     error: RpcError | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class PurgeExpired:
     pass
 
@@ -218,7 +218,7 @@ class PurgeExpired:
 # -- registration: device -> store -> device --------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Register:
     """Create the user if new and register the device (``auth.google``)."""
 
@@ -228,7 +228,7 @@ class Register:
     reply_to: ActorRef
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Registered:
     request_key: int
     user: str
@@ -240,7 +240,7 @@ class Registered:
 # -- push tokens: device -> store -> device; push dispatcher -> store ----------------
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class SetPushToken:
     user: str
     device: str
@@ -250,20 +250,20 @@ class SetPushToken:
     reply_to: ActorRef
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class PushTokenSet:
     request_key: int
     error: RpcError | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class RemovePushToken:
     """The platform said the token is dead; forget it unless the device has a new one."""
 
     target: PushTarget
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class FindPushDevice:
     """Whose is this push token? (An upstream message names only its sender's token.)"""
 
@@ -273,7 +273,7 @@ class FindPushDevice:
     reply_to: ActorRef
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class PushDeviceFound:
     request_key: int
     user: str | None  # None: no device holds the token
@@ -283,14 +283,14 @@ class PushDeviceFound:
 # -- waking offline devices: router -> push dispatcher ------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class WakeDevices:
     """Messages were stored for these offline devices: each (target, newest message)."""
 
     targets: tuple[tuple[PushTarget, StoredMessage], ...]
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DeviceReachable:
     """The device connected: the next message after it leaves is worth a push again."""
 
@@ -301,24 +301,24 @@ class DeviceReachable:
 # -- removed devices: router -> store -> router -> user -> device -------------------
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class PollRemovals:
     after: int | None  # the cursor of the last answer; None: start from now
     reply_to: ActorRef
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DevicesRemoved:
     cursor: int | None
     devices: tuple[tuple[str, str], ...]  # (user, device)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DeviceRemoved:
     device: str
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Revoked:
     """The device was removed: its connection closes."""
 
@@ -326,7 +326,7 @@ class Revoked:
 # -- signals: device -> router -> user -> device; router <-> cluster actor ------------
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Signal:
     """A ``msg.signal``: handed to the recipients' devices online now, never stored.
 
@@ -341,7 +341,7 @@ class Signal:
     origin: ActorRef | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DeliverSignal:
     """user -> device: write the ``msg.signal`` notification (dropped if the connection's output is backed up)."""
 
@@ -354,7 +354,7 @@ class DeliverSignal:
 # -- user -> device -------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Authenticated:
     """The device is attached; the device actor answers the pending ``auth.*``."""
 
@@ -365,24 +365,24 @@ class Authenticated:
     request_key: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class AuthFailed:
     request_key: int
     error: RpcError
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Deliver:
     messages: tuple[StoredMessage, ...]
     as_batch: bool  # the backlog goes as JSON-RPC batches, live messages one by one
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Replaced:
     """Another connection authenticated as the same device; this one closes."""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class UserActorFailed:
     """The user actor serving this connection failed: it closes (1011), and the client reconnects."""
 
@@ -390,7 +390,7 @@ class UserActorFailed:
 # -- device -> user ---------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Acked:
     device: str
     device_ref: ActorRef
@@ -400,38 +400,38 @@ class Acked:
 # -- the cluster: router <-> cluster actor, router -> user ----------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DevicePresent:
     user: str
     device: str
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DeviceAbsent:
     user: str
     device: str
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Announce:
     """Messages were stored here for these users: tell the nodes where their devices are."""
 
     users: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Poke:
     """Messages were stored on another node for these users (None: maybe for anyone): read the store."""
 
     users: tuple[str, ...] | None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class RedisAnswering:
     """The cluster actor's Redis answers again after failing: redo what was lost meanwhile."""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class HelperCrashed:
     """A greenlet of the actor's own died of ``error``, a bug: the actor fails with it (and says so)."""
 
@@ -442,14 +442,14 @@ class HelperCrashed:
 # -- operators (admin endpoint) -> router -> user ------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Kick:
     """Close the device's connections (all of the user's when ``device`` is None); asked, answers a count."""
 
     device: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ExpireUser:
     """Expire every message stored for ``user`` now; answered with UserExpired."""
 
@@ -458,35 +458,35 @@ class ExpireUser:
     reply_to: ActorRef
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class UserExpired:
     request_key: int
     count: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Kicked:
     """An operator closed this connection; its messages stay pending."""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ForgetInFlight:
     """The user's stored messages were expired by an operator: stop resending them."""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Watch:
     user: str
     watcher: ActorRef
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Unwatch:
     user: str
     watcher: ActorRef
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class WatchEvent:
     """What happened to a watched user's messages or devices."""
 
@@ -500,7 +500,7 @@ class WatchEvent:
 # -- supervision: a watcher greenlet -> the watched actor's parent --------------------
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ChildStopped:
     """The child ``name`` (``ref``) stopped; unless its parent stopped it, it failed (see supervision.py)."""
 
@@ -511,7 +511,7 @@ class ChildStopped:
 # -- clock -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Tick:
     now: float  # time.monotonic()
 
@@ -523,7 +523,7 @@ class Tick:
 # before (requests the store actor took before may still wait for their commit).
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class HealthQuery:
     """Is the actor well? (/healthz, and the launcher's "it answers")
 
@@ -533,12 +533,12 @@ class HealthQuery:
     """
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class CommitCountsQuery:
     """The store actor's {"commits", "committed_requests"}: groups committed and the requests in them."""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class StoreStatsQuery:
     """The store actor's commit counts plus what the store holds (``Store.stats()``: messages, users...).
 
@@ -546,7 +546,7 @@ class StoreStatsQuery:
     """
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class StoredUserQuery:
     """What the store holds of ``user``: {"exists", "devices" (DeviceRecords), "backlog" {device: (count, oldest)}}.
 
@@ -556,7 +556,7 @@ class StoredUserQuery:
     user: str
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class PendingQuery:
     """The first ``limit`` messages stored for ``device`` of ``user``: {"messages": [StoredMessage]}.
 
@@ -568,51 +568,51 @@ class PendingQuery:
     limit: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class OnlineUsersQuery:
     """The router's live user actors: {user: {"online": connections}}."""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class LiveUserQuery:
     """The router's user actor of ``user`` (an ActorRef), or None when it has none (no device online)."""
 
     user: str
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class UserDevicesQuery:
     """A user actor's {"user", "devices": {device: {"in_flight", "oldest_in_flight_age", "cursor",
     "caught_up"}}, "attaching": [devices]}: its connected devices and their deliveries."""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DeviceRefsQuery:
     """A user actor's device actors: {device: ActorRef}."""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ConnectionQuery:
     """A device actor's {"user", "device" (None before its auth), "remote", "pending_sends"}."""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ClusterStateQuery:
     """The cluster actor's {"node", "announced": announcements made, "redis_down"}."""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ApiWaitingQuery:
     """The API actor's {"waiting": requests it told on and awaits the answer of}."""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class PushDispatchQuery:
     """The push dispatcher's {"providers": platforms, "pushes": pushes asked, "waiting": devices woken
     and not back}."""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class PushProviderQuery:
     """A push provider's state and counters: {"platform", its connection ("host", "port" or "project"),
     "down", "queued", "retrying", ... and ``PushCounters.as_dict()``}."""
@@ -630,7 +630,7 @@ def tell_if_alive(ref: ActorRef, message) -> bool:
 # -- the server API: HTTP greenlet -> API actor -> store, router ---------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ApiCall:
     """One server API request, told to the API actor by the greenlet of its HTTP connection.
 
@@ -645,14 +645,14 @@ class ApiCall:
     admission: Any = None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class AddUser:
     """Create the user if new (the "from" of a server API send, told just before its Append); no answer."""
 
     user: str
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class LoadUser:
     """What the store knows of a user for ``GET /api/v1/users/{user}``; answered UserLoaded."""
 
@@ -661,7 +661,7 @@ class LoadUser:
     reply_to: ActorRef
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class UserLoaded:
     request_key: int
     exists: bool = False
@@ -670,7 +670,7 @@ class UserLoaded:
     error: RpcError | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class RemoveDevice:
     """Revoke a device's credentials (``DELETE /api/v1/users/{user}/devices/{device}``); answered DeviceRemovalDone."""
 
@@ -680,7 +680,7 @@ class RemoveDevice:
     reply_to: ActorRef
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DeviceRemovalDone:
     request_key: int
     removed: bool = False  # False: no such device (or no such user, then ``unknown_user``)

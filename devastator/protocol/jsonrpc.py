@@ -8,11 +8,11 @@ validates the envelope only; params are checked by ``methods``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Union
 
 import orjson
 
+from ..records import frozen
 from .errors import InvalidRequest, ParseError, RpcError, TooLarge, error_class_for
 
 __all__ = [
@@ -38,7 +38,7 @@ _MISSING: Any = object()
 _ID_TYPES = frozenset((str, int, float, type(None)))
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Request:
     """A call that expects an answer; ``id`` may be null and is echoed back."""
 
@@ -47,7 +47,7 @@ class Request:
     id: JsonId
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Notification:
     """A call without an "id" member: it is never answered."""
 
@@ -55,13 +55,13 @@ class Notification:
     params: Params
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Response:
     id: JsonId
     result: Any
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ErrorResponse:
     """An error answer. ``data`` None means the member is absent."""
 
@@ -79,7 +79,7 @@ class ErrorResponse:
         return error_class_for(self.code)(self.message, data=self.data, id=self.id)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Invalid:
     """A batch member that is not a valid JSON-RPC object.
 
@@ -91,7 +91,7 @@ class Invalid:
     error: RpcError
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Batch:
     items: tuple
 

@@ -10,11 +10,11 @@ legitimate payload and only a missing member is an error.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from ..records import frozen
 from .errors import InvalidParams, TooLarge
 
 __all__ = [
@@ -71,7 +71,7 @@ def is_valid_user_id(s: Any) -> bool:
 is_valid_device_id = is_valid_user_id
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Limits:
     max_message_bytes: int = 65536
     max_recipients: int = 100
@@ -82,7 +82,7 @@ class Limits:
     max_read_ids: int = 1000
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class SendParams:
     to: tuple[str, ...]
     message_json: bytes
@@ -93,41 +93,41 @@ class SendParams:
     to_json: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ReadParams:
     ids: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class SignalParams:
     to: tuple[str, ...]
     signal_json: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class HistoryParams:
     with_user: str
     before: str | None
     limit: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class EchoParams:
     message_json: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class JwtAuthParams:
     token: str
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class PushRegisterParams:
     platform: str
     token: str
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class GoogleAuthParams:
     token: str
     device: str | None

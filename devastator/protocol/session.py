@@ -28,11 +28,11 @@ import enum
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from ..records import frozen
 from .errors import InvalidRequest, MethodNotFound, NotAuthenticated, Overloaded, ParseError, RpcError
 from .jsonrpc import (
     Batch,
@@ -136,7 +136,7 @@ class SessionError(RuntimeError):
     """The actor told the session something its state does not allow: a bug, not the client's doing."""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class SessionConfig:
     max_batch: int = 100  # calls in one incoming batch; -32004 above
     max_frame_bytes: int = 1 << 20  # a delivery batch is cut to stay under the peer's frame limit
@@ -183,7 +183,7 @@ class Acks(tuple):
         return f"Acks({tuple(self)!r})"
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Close:
     """The session ended the connection; its last answers are in ``data_to_send``."""
 
@@ -571,7 +571,7 @@ class Answer:
         return f"Answer(id={self.id!r}, result={self.result!r}, error={self.error!r})"
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class CloseNotice:
     """The server's ``conn.close``: why it is closing (PROTOCOL.md 7)."""
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass
 from typing import ContextManager, NamedTuple, Protocol, Sequence
 
 import orjson
+
+from ..records import frozen
 
 # What a mailbox entry is (StoredMessage.kind): how it is delivered.
 MESSAGE = "msg"  # a message to its recipient: msg.recv
@@ -23,7 +24,7 @@ COPY = "copy"  # a message in its sender's own mailbox, for the sender's other d
 RECEIPT = "receipt"  # a receipt for a message's sender: msg.receipt, message_json its params
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class StoredMessage:
     """One entry in one user's mailbox, as delivered in ``msg.recv`` (or ``msg.receipt``).
 
@@ -60,7 +61,7 @@ class Send(NamedTuple):
     origin_device: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class PushTarget:
     """A device that has a push token: what a provider needs to wake it."""
 
@@ -70,7 +71,7 @@ class PushTarget:
     token: str
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Accepted:
     """What ``append`` stored: the sender's answer and the new mailbox entries."""
 
@@ -86,7 +87,7 @@ class Accepted:
     recheck: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Receipts:
     """Receipts a call stored in their owners' mailboxes: told and pushed like the entries of a send."""
 
@@ -97,7 +98,7 @@ class Receipts:
 NO_RECEIPTS = Receipts()
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class HistoryPage:
     """Messages of a conversation, newest first; ``more``: older ones are kept too."""
 
@@ -105,14 +106,14 @@ class HistoryPage:
     more: bool
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Attachment:
     """A device coming online: how much waits for it."""
 
     pending: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DeviceRecord:
     """A registered device, as operators see it."""
 
@@ -123,7 +124,7 @@ class DeviceRecord:
     push_token: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class RemovedDevices:
     """Devices removed since a cursor, oldest first, and the cursor to ask from next."""
 
