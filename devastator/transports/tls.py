@@ -268,20 +268,42 @@ class FrameReader:
         return self._received(data)
 
     def read_available(self) -> str | None | bool:
-        """Like read_once, but False at once when no input is there (the deadlines are the caller's)."""
+        """Like read_once, but False at once when no input is there (the deadlines are the caller's).
+
+        It reads on while input is there, up to READ_SIZE bytes: a client that
+        writes each frame on its own sends a TLS record per frame, and OpenSSL
+        hands over one record per read, so the frames of several reads are
+        decoded together, and the socket's timeout is set once for them all.
+        """
         conn = self._conn
+        chunks: list[bytes] = []
+        size = 0
+        ended = None  # b"" (the peer's end) or the read's error, after what came before it
         timeout = conn.gettimeout()
         conn.settimeout(0.0)  # no wait, so the writer (which shares the timeout) cannot see it
         try:
-            data = conn.recv(READ_SIZE)
+            while size < READ_SIZE:
+                data = conn.recv(READ_SIZE - size)
+                if not data:
+                    ended = data
+                    break
+                chunks.append(data)
+                size += len(data)
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-            return False
+            if not chunks:
+                return False
         except (OSError, ValueError) as error:  # ValueError: ssl, once the socket was shut under us
-            return self._reason if self._outbound.closing else f"read failed: {error}"
+            ended = error
         finally:
             with contextlib.suppress(OSError, ValueError):
                 conn.settimeout(timeout)
-        return self._received(data)
+        if chunks:
+            outcome = self._received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            if outcome is not None or ended is None:
+                return outcome
+        if isinstance(ended, Exception):
+            return self._reason if self._outbound.closing else f"read failed: {ended}"
+        return self._received(b"")
 
     def timed_out(self) -> str | None:
         """Nothing came within next_timeout()."""
