@@ -11,6 +11,7 @@ is otherwise the dataclass's own: equality, hash, repr, ``fields()``,
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 from typing import TypeVar
 
@@ -27,8 +28,11 @@ def frozen(cls: T) -> T:
     cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
     if hasattr(cls, "__post_init__"):
         raise TypeError(f"@frozen {cls.__name__}: __post_init__ is not supported")
+    fields = dataclasses.fields(cls)
+    if list(inspect.signature(cls.__init__).parameters)[1:] != [field.name for field in fields]:
+        raise TypeError(f"@frozen {cls.__name__}: only plain fields are supported (an InitVar?)")
     parameters, body, namespace = [], [], {}
-    for field in dataclasses.fields(cls):
+    for field in fields:
         if field.kw_only or not field.init:
             raise TypeError(f"@frozen {cls.__name__}.{field.name}: only plain fields are supported")
         name = field.name

@@ -73,3 +73,9 @@ def test_what_its_init_cannot_do_is_refused_when_the_class_is_made():
         @frozen
         class Hidden:
             x: int = dataclasses.field(init=False, default=0)
+
+    with pytest.raises(TypeError, match="plain fields"):
+        @frozen
+        class Initialised:
+            x: int
+            scale: dataclasses.InitVar[int] = 1
