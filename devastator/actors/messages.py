@@ -5,13 +5,18 @@ that no actor ever blocks on another: the answer is one more message.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
+import gevent
+from gevent.pool import Group
 from pykka import ActorDeadError, ActorRef
 
 from ..protocol.errors import RpcError
 from ..records import frozen
 from ..store import PushTarget, StoredMessage
+
+_log = logging.getLogger(__name__)
 
 
 # -- transport -> device ------------------------------------------------------
@@ -625,6 +630,17 @@ def tell_if_alive(ref: ActorRef, message) -> bool:
     except ActorDeadError:
         return False
     return True
+
+
+def tell_later(group: Group, ref: ActorRef, message, delay: float) -> None:
+    """Tell ``message`` (if that actor is still alive) after ``delay`` seconds, from a timer in ``group``.
+
+    An actor's own timers: killing the group at its stop cancels those not yet due.
+    """
+    timer = gevent.Greenlet(tell_if_alive, ref, message)
+    timer.link_exception(lambda crashed: _log.error("timer for %s crashed: %r", ref, crashed.exception))
+    group.add(timer)
+    timer.start_later(delay)
 
 
 # -- the server API: HTTP greenlet -> API actor -> store, router ---------------------------

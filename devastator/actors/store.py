@@ -103,6 +103,7 @@ from .messages import (
     UserExpired,
     UserLoaded,
     tell_if_alive,
+    tell_later,
 )
 
 log = logging.getLogger(__name__)
@@ -193,9 +194,7 @@ class StoreActor(pykka.ThreadingActor):
                 self._commit_queued()
             elif not self._holding:
                 self._holding = True
-                timer = gevent.Greenlet(tell_if_alive, self.actor_ref, _CommitDue())
-                self._timers.add(timer)
-                timer.start_later(self._hold)
+                tell_later(self._timers, self.actor_ref, _CommitDue(), self._hold)
         return self._answer_query(message) if query else None
 
     def _answer_query(self, query):

@@ -91,7 +91,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 from slixmpp.xmlstream.xmlstream import NotConnectedError
 
-from ..actors.messages import PushProviderQuery, tell_if_alive
+from ..actors.messages import PushProviderQuery, tell_if_alive, tell_later
 from .base import PushCounters, PushRequest, PushTokenRejected, UpstreamMessage
 
 log = logging.getLogger(__name__)
@@ -627,10 +627,7 @@ class GcmCcsProviderActor(pykka.ThreadingActor):
             tell_if_alive(self.actor_ref, _CheckAcks())
 
     def _later(self, delay: float, message: Any) -> None:
-        timer = gevent.Greenlet(tell_if_alive, self.actor_ref, message)
-        timer.link_exception(lambda crashed: log.error("GCM CCS timer crashed: %r", crashed.exception))
-        self._group.add(timer)
-        timer.start_later(delay)
+        tell_later(self._group, self.actor_ref, message, delay)
 
     def _went_down(self, reason: str) -> None:
         if not self._down:
