@@ -33,6 +33,7 @@ import os  # noqa: E402
 import secrets  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import sqlite3  # noqa: E402
 import ssl  # noqa: E402
 import statistics  # noqa: E402
@@ -47,6 +48,8 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 from gevent.pool import Group  # noqa: E402
 import orjson  # noqa: E402
+from wsproto import ConnectionType, WSConnection  # noqa: E402
+from wsproto.events import AcceptConnection, Message, RejectConnection, Request, TextMessage  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))  # measure.py, mqtt.py, mosquitto.py: this checkout's load generator
@@ -413,6 +416,40 @@ class IdleConnection(Connection):
         return None
 
 
+class IdleWebSocketConnection(IdleConnection):
+    """An idle browser: a WebSocket on the HTTP port (``/ws``, plain ws://), auth.jwt, then it sits."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._ws = WSConnection(ConnectionType.CLIENT)
+        self.decode = self._decode_messages
+
+    def _connect(self) -> None:
+        raw = socket.create_connection(self._address, timeout=30)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        host, port = self._address
+        raw.sendall(self._ws.send(Request(host=f"{host}:{port}", target="/ws", subprotocols=["devastator.v1"])))
+        while True:
+            data = raw.recv(READ_SIZE)
+            if not data:
+                raise ConnectionError("closed by the server during the WebSocket upgrade")
+            self._ws.receive_data(data)
+            for event in self._ws.events():
+                if isinstance(event, AcceptConnection):
+                    self.sock = raw
+                    return
+                if isinstance(event, RejectConnection):
+                    raise ConnectionError(f"WebSocket upgrade refused: {event.status_code}")
+
+    def hello(self) -> bytes:
+        auth = {"jsonrpc": "2.0", "id": "auth", "method": "auth.jwt", "params": {"token": self._token}}
+        return self._ws.send(Message(data=_dumps(auth).decode()))
+
+    def _decode_messages(self, data: bytes) -> list[str]:
+        self._ws.receive_data(data)
+        return [event.data for event in self._ws.events() if isinstance(event, TextMessage)]
+
+
 def missing(answered: bytearray, received: bytearray) -> int:
     """Messages answered as stored that never arrived."""
     return sum(1 for n, ok in enumerate(answered) if ok and (n >= len(received) or not received[n]))
@@ -541,9 +578,11 @@ class DevastatorTarget:
     recipient_class = RecipientConnection
     idle_class = IdleConnection
 
-    def __init__(self, settings, address, server_pid: int | None, server: ServerProcess | None):
+    def __init__(self, settings, address, server_pid: int | None, server: ServerProcess | None,
+                 websocket_address=None):
         self.settings = settings
         self.address = address
+        self.websocket_address = websocket_address  # (host, HTTP port): --websocket's
         self.pid = server_pid
         self.server = server
         self.ssl_context = ssl.create_default_context(cafile=str(settings.data_dir / "ca.pem"))
@@ -768,10 +807,13 @@ class Bench:
         tokens = self.target.credentials(users)
         gevent.sleep(1)  # let the server settle before the baseline
         before = process_rss_mb(self.server_pid)
+        idle_class, address = self.target.idle_class, self.address
+        if self.args.websocket:
+            idle_class, address = IdleWebSocketConnection, self.target.websocket_address
         for start in range(0, len(users), 200):  # in steps, not one accept storm
-            step = [self._open(self.target.idle_class(self.run, user, tokens[user], self.ssl_context, self.address))
+            step = [self._open(idle_class(self.run, user, tokens[user], self.ssl_context, address))
                     for user in users[start:start + 200]]
-            wait_all([c.connected for c in step], 60, "TLS connections")
+            wait_all([c.connected for c in step], 60, "connections")
             self.authenticate(step)
             self.idle.extend(step)
         gevent.sleep(1)
@@ -779,6 +821,7 @@ class Bench:
         per_connection = None if before is None or after is None else (after - before) * 1024 / len(users)
         return {
             "mode": "idle",
+            "transport": "websocket" if self.args.websocket else "tls",
             "connections": len(users),
             "server_rss_before_mb": _round(before, 1),
             "server_rss_after_mb": _round(after, 1),
@@ -942,7 +985,8 @@ def summary(result: dict, run: Run, name: str = "devastator") -> str:
         return overload_summary(result, run, fmt)
     if result["mode"] == "idle":
         lines = [
-            f"{name} bench: mode=idle connections={result['connections']}",
+            f"{name} bench: mode=idle connections={result['connections']}"
+            + (" websocket" if result.get("transport") == "websocket" else ""),
             f"  server RSS      {fmt(result['server_rss_before_mb'], ' MB')} before,"
             f" {fmt(result['server_rss_after_mb'], ' MB')} with every connection authenticated:"
             f" {fmt(result['server_kb_per_connection'], ' kB')} per connection",
@@ -1167,6 +1211,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="seconds to wait for the last answers and deliveries (30)")
     parser.add_argument("--connections", type=int, default=2000,
                         help="idle: authenticated connections to hold open (2000)")
+    parser.add_argument("--websocket", action="store_true",
+                        help="idle: the connections are WebSockets on the HTTP port (/ws, as browsers connect)"
+                             " instead of TLS")
     parser.add_argument("--flooders", type=int, default=40,
                         help="overload: users flooding, each with --window sends in flight (40)")
     parser.add_argument("--rate", type=float, default=20.0,
@@ -1194,6 +1241,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     existing.add_argument("--server-data-dir", type=Path, help="its data dir (ca.pem, jwt-keys.json, db)")
     existing.add_argument("--tls-port", type=int, help="its TLS port")
     existing.add_argument("--server-pid", type=int, help="its pid, to measure its CPU and RSS")
+    existing.add_argument("--http-port", type=int, help="its HTTP port (with --websocket)")
     args = parser.parse_args(argv)
     if args.pairs < 1 or args.window < 1 or args.duration <= 0 or args.warmup < 0:
         parser.error("--pairs and --window must be at least 1, --duration positive, --warmup not negative")
@@ -1205,6 +1253,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--workers above 1 needs --store redis")
     if (args.server_data_dir is None) != (args.tls_port is None):
         parser.error("--server-data-dir and --tls-port go together")
+    if args.websocket and (args.mode != "idle" or args.peer):
+        parser.error("--websocket goes with --mode idle, without --peer")
+    if args.websocket and args.server_data_dir is not None and args.http_port is None:
+        parser.error("--websocket with a running server needs its --http-port")
     if args.receipt and args.mode != "online":
         parser.error("--receipt goes with --mode online")
     if args.peer and args.mode not in PEER_FIGURES:
@@ -1233,15 +1285,17 @@ def bench_devastator(args) -> tuple[dict, Run, bool]:
         if args.server_data_dir is not None:
             data_dir, server_pid = args.server_data_dir, args.server_pid
             address = (args.host, args.tls_port)
+            websocket_address = (args.host, args.http_port)
         else:
             tmp_dir = Path(tempfile.mkdtemp(prefix="devastator-bench-"))
             server = ServerProcess(tmp_dir, args.host, env=env, workers=args.workers)
             server.start()
             data_dir, server_pid = tmp_dir, server.pid
             address = (args.host, server.tls_port)
+            websocket_address = (args.host, server.http_port)
             print(f"bench: server pid {server.pid} on TLS port {server.tls_port}, data {tmp_dir}", file=sys.stderr)
         settings = store_settings(data_dir, env)
-        bench = Bench(args, DevastatorTarget(settings, address, server_pid, server))
+        bench = Bench(args, DevastatorTarget(settings, address, server_pid, server, websocket_address))
         result = run_mode(bench, args)
         if server is not None and not server.alive():
             bench.run.connection_errors.append("the server process died")
