@@ -22,11 +22,10 @@ import ssl
 from typing import Callable, Mapping
 
 import gevent
+import gevent.socket
 import h11
 import orjson
 import pykka
-from gevent.pool import Pool
-from gevent.server import StreamServer
 from wsproto.utilities import generate_accept_token
 
 from ..admission import AdmissionControl
@@ -34,13 +33,12 @@ from ..protocol.api import is_api_path
 from ..protocol.errors import INVALID_REQUEST
 from ..telemetry import Telemetry
 from .api import ApiEndpoint
-from .endpoint import Endpoint, half_close, listener, shut_socket
+from .endpoint import READ_SIZE, OnDemandEndpoint, half_close, listener, read_to_end, shut_socket
 from .outbound import OutboundQueue
-from .websocket import SUBPROTOCOL, WebSocketSession
+from .websocket import SUBPROTOCOL, WebSocketReader, WebSocketSession
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 65536
 MAX_REQUEST_HEAD_BYTES = 16384
 MAX_IGNORED_BODY_BYTES = 65536  # a body sent with a GET is read and dropped, up to this
 WEBSOCKET_PATH = "/ws"
@@ -64,7 +62,7 @@ class _Refusal(Exception):
         self.headers = headers
 
 
-class HttpTransport(Endpoint):
+class HttpTransport(OnDemandEndpoint):
     name = "HTTP/WebSocket endpoint"
     transport = "ws"
 
@@ -89,7 +87,7 @@ class HttpTransport(Endpoint):
         api: ApiEndpoint | None = None,
     ):
         super().__init__(new_device=new_device, max_outbound_bytes=max_outbound_bytes, telemetry=telemetry,
-                         admission=admission)
+                         admission=admission, max_connections=max_connections)
         self._max_frame_bytes = max_frame_bytes
         self._read_timeout = read_timeout
         self._header_timeout = header_timeout
@@ -99,29 +97,36 @@ class HttpTransport(Endpoint):
         self._routes = dict(routes or {})
         self._routes.setdefault("/healthz", ("application/json", lambda: b'{"status":"ok"}'))
         self._api = api  # the server API under /api/ (PROTOCOL.md 8); None: those paths are 404
-        self._server = StreamServer(
-            listener(host, port, reuse_port=reuse_port), self._handle, spawn=Pool(max_connections)
-        )
+        self._server = self._stream_server(listener(host, port, reuse_port=reuse_port))
 
     # -- one connection: requests until an upgrade or the end ---------------------------
 
-    def _handle(self, raw: socket.socket, address) -> None:
+    def _accept(self, raw: socket.socket, address) -> bool:
+        """Requests until the connection ends, or until a WebSocket's reading is handed over (True)."""
         remote = f"{address[0]}:{address[1]}"
         sock = raw
+        handed_over = False
         try:
             with gevent.Timeout(self._header_timeout, _HeaderTimeout):
                 if self._ssl_context is not None:
                     sock = self._ssl_context.wrap_socket(raw, server_side=True)
-            self._serve_requests(sock, remote)
+                else:
+                    # gevent closes the accepted socket when this handler returns; a WebSocket outlives it.
+                    # (wrap_socket, too, takes the descriptor over.)
+                    sock = gevent.socket.socket(fileno=raw.detach())
+            handed_over = self._serve_requests(sock, remote)
         except _HeaderTimeout:
             log.debug("%s: TLS handshake not finished in time", remote)
         except (OSError, ValueError) as error:
             log.debug("%s: connection failed: %s", remote, error)
         finally:
-            sock.close()
-            raw.close()
+            if not handed_over:
+                sock.close()
+                raw.close()
+        return handed_over
 
-    def _serve_requests(self, sock, remote: str) -> None:
+    def _serve_requests(self, sock, remote: str) -> bool:
+        """Answer requests until the connection ends (False) or is upgraded and handed over (True)."""
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
         api_session = None  # made at the connection's first API request
         while True:
@@ -130,7 +135,7 @@ class HttpTransport(Endpoint):
                 with gevent.Timeout(self._header_timeout, _HeaderTimeout):
                     request = _next_event(conn, sock)
                     if not isinstance(request, h11.Request):
-                        return  # the client closed between requests
+                        return False  # the client closed between requests
                     upgrade = self._check_upgrade(request)
                     if upgrade is None and self._api is not None and is_api_path(_path(request.target)):
                         api_session = api_session or self._api.session()
@@ -139,26 +144,25 @@ class HttpTransport(Endpoint):
                         self._skip_body(conn, sock)
             except _HeaderTimeout:
                 self._refuse(conn, sock, remote, 408, "request not received in time", api_path=self._api_path(request))
-                return
+                return False
             except h11.RemoteProtocolError as error:
                 self._refuse(conn, sock, remote, error.error_status_hint, f"malformed request: {error}",
                              api_path=self._api_path(request))
-                return
+                return False
             except _Refusal as refusal:
                 self._refuse(conn, sock, remote, refusal.status, refusal.message, refusal.headers)
-                return
+                return False
             if upgrade is not None:
-                self._serve_websocket(conn, sock, remote, upgrade)
-                return
+                return self._serve_websocket(conn, sock, remote, upgrade)
             if api_read is not None:
                 label, prepared, close = api_read
                 self._api.write(conn, sock, request, label, self._api.answer(prepared, api_session), close)
                 if close:
-                    return
+                    return False
             else:
                 self._answer_route(conn, sock, request)
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                return  # Connection: close, or HTTP/1.0
+                return False  # Connection: close, or HTTP/1.0
             conn.start_next_cycle()
 
     def _answer_route(self, conn: h11.Connection, sock, request: h11.Request) -> None:
@@ -278,31 +282,39 @@ class HttpTransport(Endpoint):
         offered = headers.tokens(b"sec-websocket-protocol", lower=False)
         return keys[0], SUBPROTOCOL if SUBPROTOCOL.encode() in offered else ""
 
-    def _serve_websocket(self, conn: h11.Connection, sock, remote: str, upgrade: tuple[bytes, str]) -> None:
+    def _serve_websocket(self, conn: h11.Connection, sock, remote: str, upgrade: tuple[bytes, str]) -> bool:
+        """The 101 answer, then the connection's reading handed over; False if it ended here (turned away)."""
         key, subprotocol = upgrade
         headers = [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
                    (b"Sec-WebSocket-Accept", generate_accept_token(key))]
         if subprotocol:
             headers.append((b"Sec-WebSocket-Protocol", subprotocol.encode()))
         sock.sendall(conn.send(h11.InformationalResponse(status_code=101, headers=headers)))
-        trailing, _ = conn.trailing_data
-        session = WebSocketSession(
-            sock,
-            trailing_data=bytes(trailing),
-            max_message_bytes=self._max_frame_bytes,
-            ping_interval=self._ping_interval,
-            idle_timeout=self._read_timeout,
-        )
+        trailing = bytes(conn.trailing_data[0])
+        sock.settimeout(min(self._ping_interval, self._read_timeout))  # the writer's, for each send
+        session = WebSocketSession(sock)
+        reader = None  # the OnDemandReader, once the reading is handed over
         outbound = OutboundQueue(
             write=session.write,
-            shut=lambda: shut_socket(sock),
+            shut=lambda: reader.shut() if reader is not None else shut_socket(sock),
             half_close=lambda: half_close(sock),
             closing_handshake=session.closing_handshake,
             spawn=self._writers.spawn,
             max_bytes=self._max_outbound_bytes,
             remote=remote,
         )
-        self._serve(outbound, lambda forward: session.read(forward, outbound))
+
+        def messages(forward) -> WebSocketReader:
+            return WebSocketReader(session, forward, outbound, trailing_data=trailing,
+                                   max_message_bytes=self._max_frame_bytes, ping_interval=self._ping_interval,
+                                   idle_timeout=self._read_timeout)
+
+        opened = self._open(outbound, lambda forward: read_to_end(messages(forward)))
+        if opened is None:
+            return False  # turned away, and closed
+        device, forward = opened
+        reader = self._read_on_demand(sock, messages(forward), outbound, device)
+        return True
 
 
 def _next_event(conn: h11.Connection, sock):
