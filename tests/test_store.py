@@ -200,6 +200,31 @@ def test_a_message_is_retired_once_every_device_acked(store):
     assert pending(store, "bob", "laptop") == []
 
 
+def test_seqs_only_grow_once_a_mailbox_is_empty_after_a_rollback_and_after_reopening(store):
+    # A device's "after seq" cursor stays right only if no seq is ever given again.
+    registered(store, "bob", "phone")
+    registered(store, "carol", "phone")
+    (first,) = send(store, ["bob"]).messages
+    ack(store, "bob", "phone", [first])  # the mailbox is empty: nothing holds the last seq
+    (second,) = send(store, ["bob"]).messages
+    assert second.seq > first.seq
+    if store.all_or_nothing:  # a transaction rolled back leaves nothing behind that later seqs could meet
+        with pytest.raises(ZeroDivisionError), store.batch():
+            store.append("alice", ["bob"], b'"lost"', None, TTL, NOW)
+            1 / 0
+    ack(store, "bob", "phone", [second])
+    store.close()
+    store.open()
+    results = store.append_many([Send("alice", ["bob", "carol"], b'"after"', None, TTL),
+                                 Send("alice", ["carol"], b'"again"', None, TTL)], NOW)
+    seqs = [(m.recipient, m.seq) for accepted in results for m in accepted.messages]
+    assert [recipient for recipient, _ in seqs] == ["bob", "carol", "carol"]
+    bob_seq = seqs[0][1]
+    assert bob_seq > second.seq
+    assert [m.seq for m in pending(store, "bob", "phone")] == [bob_seq]
+    assert [m.message_json for m in pending(store, "carol", "phone")] == [b'"after"', b'"again"']
+
+
 def test_expired_messages_are_not_loaded_and_are_purged(store):
     registered(store, "bob", "phone")
     send(store, ["bob"], ttl=1)

@@ -135,6 +135,16 @@ LATER_COLUMNS = (
 )
 # Indexes on later columns: made once the columns surely exist.
 LATER_INDEXES = "CREATE INDEX IF NOT EXISTS devices_by_push_token ON devices (push_token);"
+# A mailbox entry and its pending rows, written with one executemany each (see _write_entries).
+INSERT_ENTRY = (
+    "INSERT INTO messages (seq, id, sender, recipient, body, ts, expires, kind, to_json)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+INSERT_PENDING = "INSERT INTO pending (user, device, seq) VALUES (?, ?, ?)"
+# The last seq ever given (AUTOINCREMENT keeps it in sqlite_sequence, even once its row is gone).
+LAST_SEQ = (
+    "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), (SELECT max(seq) FROM messages), 0)"
+)
 # A device has an entry: its pending row goes, and the entry once no device waits for it.
 ACK_PENDING = "DELETE FROM pending WHERE user = ? AND device = ? AND seq = ?"
 RETIRE_MESSAGE = "DELETE FROM messages WHERE seq = ? AND NOT EXISTS (SELECT 1 FROM pending WHERE pending.seq = ?)"
@@ -189,6 +199,13 @@ class SqliteStore:
         self._receipt_recipients: set[str] = set()
         # History rows of the open transaction, written with one executemany before it commits.
         self._history_rows: list[tuple] = []
+        # The mailbox entries (and their pending rows) of the running call, written with one
+        # executemany each when it ends (_write_entries), before anything reads them. Their seqs
+        # are given here, counting on from LAST_SEQ, read once a transaction (which holds the
+        # write lock): the same seqs AUTOINCREMENT would give.
+        self._next_seq: int | None = None
+        self._entry_rows: list[tuple] = []
+        self._pending_rows: list[tuple] = []
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -252,6 +269,26 @@ class SqliteStore:
         self._deltas = dict.fromkeys(COUNTED, 0)
         self._devices_now.clear()
         self._history_rows = []
+        self._next_seq = None
+        self._entry_rows = []
+        self._pending_rows = []
+
+    def _new_seq(self) -> int:
+        seq = self._next_seq
+        if seq is None:
+            seq = self._conn.execute(LAST_SEQ).fetchone()[0] + 1
+        self._next_seq = seq + 1
+        return seq
+
+    def _write_entries(self) -> None:
+        """Write the entries _store_entry and _store_copy gathered (the end of each call that makes them)."""
+        db = self._conn
+        if self._entry_rows:
+            db.executemany(INSERT_ENTRY, self._entry_rows)
+            self._entry_rows = []
+        if self._pending_rows:
+            db.executemany(INSERT_PENDING, self._pending_rows)
+            self._pending_rows = []
 
     def _count(self, table: str, rows: int) -> None:
         """``rows`` rows added to (or removed from) ``table`` in the open transaction."""
@@ -278,47 +315,57 @@ class SqliteStore:
         to_json: bytes = b"",
         origin_device: str | None = None,
     ) -> Accepted:
-        db = self._conn
         with self.batch():
-            if cid is not None:
-                row = db.execute(
-                    "SELECT id, ts, expires FROM sends WHERE sender = ? AND cid = ? AND expires > ?",
-                    (sender, cid, now_ms),
-                ).fetchone()
-                if row is not None:
-                    return Accepted(id=row[0], ts=row[1], expires=row[2], messages=(), duplicate=True)
-            unknown = [user for user in recipients if not self._user_exists(user)]
-            if unknown:
-                raise UnknownUserError(unknown)
-            message_id = self._ids.new(now_ms)
-            ttl_ms = ttl_seconds * 1000
-            expires = now_ms + ttl_ms
-            stored = []
-            push_targets = []
-            for recipient in recipients:
-                seq = self._store_entry(message_id, sender, recipient, message_json, now_ms, expires, push_targets)
-                stored.append(StoredMessage(seq, message_id, sender, recipient, message_json, now_ms, expires))
-                if self.history_period_ms:
-                    a, b = (sender, recipient) if sender <= recipient else (recipient, sender)
-                    self._history_rows.append((a, b, message_id, sender, recipient, message_json, now_ms, expires))
-                if receipt and recipient != sender:
-                    self._receipt_recipients.add(recipient)  # not forgotten at a rollback: a superset
-                    db.execute(
-                        "INSERT OR IGNORE INTO wanted_receipts (recipient, id, sender, ttl_ms, expires)"
-                        " VALUES (?, ?, ?, ?, ?)",
-                        (recipient, message_id, sender, ttl_ms, expires),
-                    )
-            if sender not in recipients:
-                copy = self._store_copy(
-                    message_id, sender, message_json, now_ms, expires, recipients, to_json, origin_device
-                )
-                if copy is not None:
-                    stored.append(copy)
-            if cid is not None:
+            accepted = self._append(sender, recipients, message_json, cid, ttl_seconds, now_ms, receipt, to_json,
+                                    origin_device)
+            self._write_entries()
+        return accepted
+
+    def _append(
+        self, sender: str, recipients: Sequence[str], message_json: bytes, cid: str | None, ttl_seconds: int,
+        now_ms: int, receipt: bool, to_json: bytes, origin_device: str | None,
+    ) -> Accepted:
+        """append's work, in its caller's transaction; its entries wait for _write_entries."""
+        db = self._conn
+        if cid is not None:
+            row = db.execute(
+                "SELECT id, ts, expires FROM sends WHERE sender = ? AND cid = ? AND expires > ?",
+                (sender, cid, now_ms),
+            ).fetchone()
+            if row is not None:
+                return Accepted(id=row[0], ts=row[1], expires=row[2], messages=(), duplicate=True)
+        unknown = [user for user in recipients if not self._user_exists(user)]
+        if unknown:
+            raise UnknownUserError(unknown)
+        message_id = self._ids.new(now_ms)
+        ttl_ms = ttl_seconds * 1000
+        expires = now_ms + ttl_ms
+        stored = []
+        push_targets = []
+        for recipient in recipients:
+            seq = self._store_entry(message_id, sender, recipient, message_json, now_ms, expires, push_targets)
+            stored.append(StoredMessage(seq, message_id, sender, recipient, message_json, now_ms, expires))
+            if self.history_period_ms:
+                a, b = (sender, recipient) if sender <= recipient else (recipient, sender)
+                self._history_rows.append((a, b, message_id, sender, recipient, message_json, now_ms, expires))
+            if receipt and recipient != sender:
+                self._receipt_recipients.add(recipient)  # not forgotten at a rollback: a superset
                 db.execute(
-                    "INSERT OR REPLACE INTO sends (sender, cid, id, ts, expires) VALUES (?, ?, ?, ?, ?)",
-                    (sender, cid, message_id, now_ms, expires),
+                    "INSERT OR IGNORE INTO wanted_receipts (recipient, id, sender, ttl_ms, expires)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (recipient, message_id, sender, ttl_ms, expires),
                 )
+        if sender not in recipients:
+            copy = self._store_copy(
+                message_id, sender, message_json, now_ms, expires, recipients, to_json, origin_device
+            )
+            if copy is not None:
+                stored.append(copy)
+        if cid is not None:
+            db.execute(
+                "INSERT OR REPLACE INTO sends (sender, cid, id, ts, expires) VALUES (?, ?, ?, ?, ?)",
+                (sender, cid, message_id, now_ms, expires),
+            )
         return Accepted(
             id=message_id, ts=now_ms, expires=expires, messages=tuple(stored), push_targets=tuple(push_targets)
         )
@@ -327,25 +374,21 @@ class SqliteStore:
         self, entry_id: str, sender: str, owner: str, body: bytes, now_ms: int, expires: int,
         push_targets: list | None, kind: str | None = None,
     ) -> int:
-        """A mailbox entry of ``owner``'s, waiting for each of its devices; its seq.
+        """A mailbox entry of ``owner``'s, waiting for each of its devices; its seq (written by _write_entries).
 
         The owner's devices with push tokens are added to ``push_targets`` (unless None).
         """
-        db = self._conn
         # The devices read once a transaction (_devices_of), not looked up again per entry.
         devices = self._devices_of(owner)
         if push_targets is not None and devices.push_targets:
             push_targets.extend(devices.push_targets)
-        seq = db.execute(
-            "INSERT INTO messages (id, sender, recipient, body, ts, expires, kind) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (entry_id, sender, owner, body, now_ms, expires, kind),
-        ).lastrowid
+        seq = self._new_seq()
+        self._entry_rows.append((seq, entry_id, sender, owner, body, now_ms, expires, kind, None))
         ids = devices.ids
         if len(ids) == 1:
-            db.execute("INSERT INTO pending (user, device, seq) VALUES (?, ?, ?)", (owner, ids[0], seq))
+            self._pending_rows.append((owner, ids[0], seq))
         elif ids:
-            db.executemany("INSERT INTO pending (user, device, seq) VALUES (?, ?, ?)",
-                           [(owner, device, seq) for device in ids])
+            self._pending_rows.extend([(owner, device, seq) for device in ids])
         deltas = self._deltas  # _count, inline: this runs for every entry
         deltas["messages"] += 1
         deltas["pending"] += len(ids)
@@ -357,34 +400,30 @@ class SqliteStore:
     ) -> StoredMessage | None:
         """The sender's COPY, for its devices but ``origin_device``; None when it has no such device.
 
-        Its ``to`` is ``to_json``, or else the recipients'.
+        Its ``to`` is ``to_json``, or else the recipients'. Written by _write_entries.
         """
-        db = self._conn
         devices = [device for device in self._devices_of(sender).ids if device != origin_device]
         if not devices:
             return None  # the usual case: a sender with one device
         to_json = to_json or orjson.dumps(list(recipients))
-        seq = db.execute(
-            "INSERT INTO messages (id, sender, recipient, body, ts, expires, kind, to_json)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (message_id, sender, sender, body, now_ms, expires, COPY, to_json),
-        ).lastrowid
-        db.executemany("INSERT INTO pending (user, device, seq) VALUES (?, ?, ?)",
-                       [(sender, device, seq) for device in devices])
+        seq = self._new_seq()
+        self._entry_rows.append((seq, message_id, sender, sender, body, now_ms, expires, COPY, to_json))
+        self._pending_rows.extend([(sender, device, seq) for device in devices])
         self._count("messages", 1)
         self._count("pending", len(devices))
         return StoredMessage(seq, message_id, sender, sender, body, now_ms, expires, COPY, to_json, origin_device)
 
     def append_many(self, sends: Sequence[Send], now_ms: int) -> list[Accepted | UnknownUserError]:
         results: list[Accepted | UnknownUserError] = []
-        for sender, recipients, message_json, cid, ttl_seconds, receipt, to_json, origin_device in sends:
-            try:
-                results.append(self.append(
-                    sender, recipients, message_json, cid, ttl_seconds, now_ms,
-                    receipt=receipt, to_json=to_json, origin_device=origin_device,
-                ))
-            except UnknownUserError as unknown:
-                results.append(unknown)
+        with self.batch():
+            for sender, recipients, message_json, cid, ttl_seconds, receipt, to_json, origin_device in sends:
+                try:
+                    results.append(self._append(
+                        sender, recipients, message_json, cid, ttl_seconds, now_ms, receipt, to_json, origin_device
+                    ))
+                except UnknownUserError as unknown:
+                    results.append(unknown)
+            self._write_entries()  # the group's entries: two statements for them all
         return results
 
     def attach_device(self, user: str, device: str, registration: str, now_ms: int) -> Attachment:
@@ -493,6 +532,7 @@ class SqliteStore:
             expires = now_ms + ttl_ms
             seq = self._store_entry(receipt, by, sender, body, now_ms, expires, push_targets, RECEIPT)
             stored.append(StoredMessage(seq, receipt, by, sender, body, now_ms, expires, RECEIPT))
+        self._write_entries()
         ids = [(by, message_id) for message_id, _, _ in wanted]
         if kind == "delivered":
             db.executemany("UPDATE wanted_receipts SET delivered = 1 WHERE recipient = ? AND id = ?", ids)
