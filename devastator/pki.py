@@ -293,6 +293,10 @@ def server_ssl_context(
     # asking to renegotiate makes the server do a handshake's work again for nothing.
     context.options = (context.options & ~ssl.OP_CIPHER_SERVER_PREFERENCE) | ssl.OP_NO_RENEGOTIATION
     context.load_cert_chain(certfile=paths.server_cert, keyfile=paths.server_key)
+    # A chat client writes a TLS record per frame; reading ahead, OpenSSL takes what the socket
+    # holds in one read, where it would read each record's header and then its body (two system
+    # calls a record). Nothing is left unseen in its buffer: the readers read until "want read".
+    _OpenSslContext(context).read_ahead()
     if client_certificates:
         context.load_verify_locations(cafile=paths.ca_cert)
         context.verify_mode = ssl.CERT_OPTIONAL
@@ -326,7 +330,7 @@ def client_ssl_context(
 
 
 class _OpenSslContext:
-    """What Python's ssl module does not expose of a context (3.11: TLS 1.3 suites, the group list).
+    """What Python's ssl module does not expose of a context (3.11: TLS 1.3 suites, the group list, read-ahead).
 
     ctypes calls OpenSSL's own SSL_CTX functions, found through the ``_ssl``
     module (so in the very libssl it uses), on the SSL_CTX that CPython keeps
@@ -335,6 +339,8 @@ class _OpenSslContext:
     """
 
     _SSL_CTRL_SET_GROUPS_LIST = 92  # SSL_CTX_set1_groups_list is a macro over SSL_CTX_ctrl
+    _SSL_CTRL_GET_READ_AHEAD = 40  # SSL_CTX_get_read_ahead and SSL_CTX_set_read_ahead, too
+    _SSL_CTRL_SET_READ_AHEAD = 41
 
     def __init__(self, context: ssl.SSLContext):
         import _ssl
@@ -344,22 +350,38 @@ class _OpenSslContext:
         self._pointer = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
 
     def restrict(self, tls13_ciphersuites: str, groups: str) -> None:
+        ctrl = self._ctrl("restrict TLS groups and suites")
         try:
-            get_options = self._libssl.SSL_CTX_get_options
             set_ciphersuites = self._libssl.SSL_CTX_set_ciphersuites
-            ctrl = self._libssl.SSL_CTX_ctrl
         except AttributeError as error:
             raise ssl.SSLError(f"cannot restrict TLS groups and suites with this Python's OpenSSL: {error}") from None
-        get_options.restype, get_options.argtypes = ctypes.c_uint64, [ctypes.c_void_p]
         set_ciphersuites.restype, set_ciphersuites.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_char_p]
-        ctrl.restype = ctypes.c_long
-        ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-        if not self._pointer or get_options(self._pointer) != self._context.options:
-            raise ssl.SSLError("cannot find the OpenSSL context of an ssl.SSLContext in this Python")
         if set_ciphersuites(self._pointer, tls13_ciphersuites.encode()) != 1:
             raise ssl.SSLError(f"OpenSSL refused the TLS 1.3 suites {tls13_ciphersuites}")
         if ctrl(self._pointer, self._SSL_CTRL_SET_GROUPS_LIST, 0, ctypes.c_char_p(groups.encode())) != 1:
             raise ssl.SSLError(f"OpenSSL refused the TLS groups {groups}")
+
+    def read_ahead(self) -> None:
+        """Let OpenSSL read as much as the socket holds, not one record's header, then its body."""
+        ctrl = self._ctrl("read ahead")
+        ctrl(self._pointer, self._SSL_CTRL_SET_READ_AHEAD, 1, None)
+
+    def reads_ahead(self) -> bool:
+        return bool(self._ctrl("ask whether it reads ahead")(self._pointer, self._SSL_CTRL_GET_READ_AHEAD, 0, None))
+
+    def _ctrl(self, what: str):
+        """SSL_CTX_ctrl, once the context's pointer is checked."""
+        try:
+            get_options = self._libssl.SSL_CTX_get_options
+            ctrl = self._libssl.SSL_CTX_ctrl
+        except AttributeError as error:
+            raise ssl.SSLError(f"cannot {what} with this Python's OpenSSL: {error}") from None
+        get_options.restype, get_options.argtypes = ctypes.c_uint64, [ctypes.c_void_p]
+        ctrl.restype = ctypes.c_long
+        ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        if not self._pointer or get_options(self._pointer) != self._context.options:
+            raise ssl.SSLError("cannot find the OpenSSL context of an ssl.SSLContext in this Python")
+        return ctrl
 
 
 def ensure_private_dir(path: Path) -> None:

@@ -16,6 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from devastator.identity import DeviceIdentity
 from devastator.pki import (
+    _OpenSslContext,
     CertificateAuthority,
     PkiError,
     PkiPaths,
@@ -297,6 +298,13 @@ def test_certificate_without_identity_uri(pki):
     server_der = load_cert(pki.server_cert).public_bytes(serialization.Encoding.DER)
 
     assert client_identity(server_der) is None
+
+
+@pytest.mark.parametrize("client_certificates", [True, False], ids=["tls endpoint", "wss"])
+def test_server_contexts_read_ahead_and_plain_ones_do_not(pki, client_certificates):
+    # A record per frame: OpenSSL reads what the socket holds at once (tests/test_tls_reads.py for the reads).
+    assert _OpenSslContext(server_ssl_context(pki, client_certificates=client_certificates)).reads_ahead()
+    assert not _OpenSslContext(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)).reads_ahead()
 
 
 @pytest.mark.parametrize("server_hostname", ["localhost", "127.0.0.1"])
