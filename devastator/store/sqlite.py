@@ -206,6 +206,7 @@ class SqliteStore:
         self._next_seq: int | None = None
         self._entry_rows: list[tuple] = []
         self._pending_rows: list[tuple] = []
+        self._grouping = False  # append_many runs: its appends leave the writing to it
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -318,7 +319,8 @@ class SqliteStore:
         with self.batch():
             accepted = self._append(sender, recipients, message_json, cid, ttl_seconds, now_ms, receipt, to_json,
                                     origin_device)
-            self._write_entries()
+            if not self._grouping:
+                self._write_entries()
         return accepted
 
     def _append(
@@ -416,13 +418,18 @@ class SqliteStore:
     def append_many(self, sends: Sequence[Send], now_ms: int) -> list[Accepted | UnknownUserError]:
         results: list[Accepted | UnknownUserError] = []
         with self.batch():
-            for sender, recipients, message_json, cid, ttl_seconds, receipt, to_json, origin_device in sends:
-                try:
-                    results.append(self._append(
-                        sender, recipients, message_json, cid, ttl_seconds, now_ms, receipt, to_json, origin_device
-                    ))
-                except UnknownUserError as unknown:
-                    results.append(unknown)
+            self._grouping = True  # each append leaves its entries for the group's _write_entries
+            try:
+                for sender, recipients, message_json, cid, ttl_seconds, receipt, to_json, origin_device in sends:
+                    try:
+                        results.append(self.append(
+                            sender, recipients, message_json, cid, ttl_seconds, now_ms,
+                            receipt=receipt, to_json=to_json, origin_device=origin_device,
+                        ))
+                    except UnknownUserError as unknown:
+                        results.append(unknown)
+            finally:
+                self._grouping = False
             self._write_entries()  # the group's entries: two statements for them all
         return results
 
