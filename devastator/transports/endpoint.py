@@ -20,7 +20,7 @@ import logging
 import socket
 import time
 import ssl
-from typing import Callable, Protocol
+from typing import Callable
 
 import gevent
 import gevent.event
@@ -218,27 +218,75 @@ def shut_socket(sock: socket.socket) -> None:
 # -- reading on demand ---------------------------------------------------------------
 
 
-class InputReader(Protocol):
+class InputReader:
     """One connection's input, read a wake-up at a time: its state outlives any greenlet.
 
-    tls.py's FrameReader (length-prefixed frames) and websocket.py's
-    WebSocketReader (RFC 6455 frames) are the two.
+    The base of tls.py's FrameReader (length-prefixed frames) and
+    websocket.py's WebSocketReader (RFC 6455 frames). What the reads bring is
+    gathered, whole frames or messages, until flush() hands it to the device
+    actor (the on-demand reader's, once input stops), or GATHER_BYTES came.
     """
 
+    __slots__ = ("_conn", "_forward", "_outbound", "_gathered", "_gathered_bytes")
+
+    def __init__(self, conn, forward: Forward, outbound: OutboundQueue):
+        self._conn = conn
+        self._forward = forward
+        self._outbound = outbound
+        self._gathered: list = []
+        self._gathered_bytes = 0
+
     def read_available(self) -> str | None | bool:
-        """Read and handle what is there, without waiting: False if nothing was, else why the input ended or None."""
+        """Read and handle what is there, without waiting: False if nothing was, else why the input ended or None.
+
+        What the wake-up finds is handled together (read_ready); the peer's
+        end, or a failed read, is told after what came before it.
+        """
+        data, ended = read_ready(self._conn)
+        if data:
+            outcome = self._received(data)
+            if outcome is not None or ended is None:
+                return outcome
+        elif ended is None:
+            return False
+        return self._input_ended(ended)
 
     def read_once(self) -> str | None:
         """One read, waiting up to next_timeout(), and what it brought, handed on: why the input ended, or None."""
+        raise NotImplementedError
 
     def next_timeout(self) -> float | None:
         """How long the next wait for input may last (None: as long as it takes)."""
+        raise NotImplementedError
 
     def timed_out(self) -> str | None:
         """Nothing came within next_timeout(): why the input ended, or None to wait again."""
+        raise NotImplementedError
 
     def flush(self) -> None:
-        """Hand what this wake-up read to the device actor (may wait for it)."""
+        """Hand what was gathered since the last flush to the device actor (may wait for it)."""
+        if self._gathered:
+            self._forward(self._take_gathered())
+
+    def _received(self, data: bytes) -> str | None:
+        """Bytes from the peer, handled: why the input ended, or None while it goes on."""
+        raise NotImplementedError
+
+    def _input_ended(self, ended: bytes | Exception) -> str | None:
+        """Why the input ended: the peer's end (b"") or the read's error."""
+        raise NotImplementedError
+
+    def _gather(self, items: list, size: int) -> None:
+        self._gathered.extend(items)
+        self._gathered_bytes += size
+        if self._gathered_bytes >= GATHER_BYTES:
+            self.flush()
+
+    def _take_gathered(self) -> tuple:
+        gathered = tuple(self._gathered)
+        self._gathered.clear()
+        self._gathered_bytes = 0
+        return gathered
 
 
 def read_ready(conn, limit: int = READ_SIZE) -> tuple[bytes, bytes | Exception | None]:

@@ -29,7 +29,7 @@ from ..telemetry import Telemetry
 from ..actors.messages import ProtocolViolation
 from ..protocol.close_codes import CLOSE_IDLE, CLOSE_PROTOCOL_ERROR  # on TLS the code is told, not sent
 from .endpoint import (
-    GATHER_BYTES, READ_SIZE, Forward, OnDemandEndpoint, half_close, listener, read_ready, read_to_end, shut_socket,
+    READ_SIZE, Forward, InputReader, OnDemandEndpoint, half_close, listener, read_to_end, shut_socket,
 )
 from .outbound import OutboundQueue
 
@@ -126,8 +126,8 @@ def read_frames(
     return read_to_end(FrameReader(conn, forward, outbound, max_frame_bytes, frame_timeout=frame_timeout))
 
 
-class FrameReader:
-    """One connection's frames, read a wake-up at a time (endpoint.py's InputReader).
+class FrameReader(InputReader):
+    """One connection's frames, read a wake-up at a time (see endpoint.py's InputReader).
 
     A framing violation gets one JSON-RPC error, after the answers to the
     frames before it, then the connection closes. So does a frame that is
@@ -137,22 +137,16 @@ class FrameReader:
     dropped until the peer closes its side (see OutboundQueue).
     """
 
-    __slots__ = ("_conn", "_forward", "_outbound", "_frame_timeout", "_decoder", "_idle_timeout",
-                 "_frame_deadline", "_waited_for_frame", "_reason", "_violated", "_gather", "_gathered",
-                 "_gathered_bytes")
+    __slots__ = ("_frame_timeout", "_decoder", "_idle_timeout", "_frame_deadline", "_waited_for_frame", "_reason",
+                 "_violated", "_gathering")
 
     def __init__(
         self, conn, forward: Forward, outbound: OutboundQueue, max_frame_bytes: int, *,
         frame_timeout: float | None = None, gather: bool = False,
     ):
-        self._conn = conn
-        self._forward = forward
-        # gather: frames wait in _gathered until flush() (the on-demand reader's, once input
-        # stops or GATHER_BYTES came); else each read's frames are handed on at once.
-        self._gather = gather
-        self._gathered: list[bytes] = []
-        self._gathered_bytes = 0
-        self._outbound = outbound
+        super().__init__(conn, forward, outbound)
+        # gather: frames wait until flush() (see InputReader); else each read's are handed on at once.
+        self._gathering = gather
         self._frame_timeout = frame_timeout
         self._decoder = FrameDecoder(max_frame_bytes)
         self._idle_timeout = conn.gettimeout()
@@ -183,22 +177,10 @@ class FrameReader:
         except TimeoutError:
             return self.timed_out()
         except (OSError, ValueError) as error:  # ValueError: ssl, once the socket was shut under us
-            return self._reason if self._outbound.closing else f"read failed: {error}"
+            return self._input_ended(error)
         return self._received(data)
 
-    def read_available(self) -> str | None | bool:
-        """Like read_once, but False at once when no input is there (the deadlines are the caller's).
-
-        What the wake-up finds is decoded together (endpoint.read_ready); the
-        peer's end, or a failed read, is told after the frames before it.
-        """
-        data, ended = read_ready(self._conn)
-        if data:
-            outcome = self._received(data)
-            if outcome is not None or ended is None:
-                return outcome
-        elif ended is None:
-            return False
+    def _input_ended(self, ended: bytes | Exception) -> str | None:
         if isinstance(ended, Exception):
             return self._reason if self._outbound.closing else f"read failed: {ended}"
         return self._received(b"")
@@ -222,17 +204,6 @@ class FrameReader:
         self._reason = "idle timeout"
         return None
 
-    def flush(self) -> None:
-        """Hand the frames gathered since the last flush to the device actor (may wait for it)."""
-        if self._gathered:
-            self._forward(self._take_gathered())
-
-    def _take_gathered(self) -> tuple:
-        gathered = tuple(self._gathered)
-        self._gathered.clear()
-        self._gathered_bytes = 0
-        return gathered
-
     def _received(self, data: bytes) -> str | None:
         outbound = self._outbound
         if not data:
@@ -250,11 +221,8 @@ class FrameReader:
             self._violated, self._reason = True, f"framing violation: {error.message}"
             return None
         if bodies:
-            if self._gather:
-                self._gathered.extend(bodies)
-                self._gathered_bytes += sum(map(len, bodies))
-                if self._gathered_bytes >= GATHER_BYTES:
-                    self.flush()
+            if self._gathering:
+                self._gather(bodies, sum(map(len, bodies)))
             else:
                 self._forward(tuple(bodies))  # may wait for the device actor: that time is not the client's
         if self._frame_timeout is not None:

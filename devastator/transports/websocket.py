@@ -22,7 +22,7 @@ from wsproto.frame_protocol import CloseReason
 
 from ..actors.messages import ProtocolViolation
 from ..protocol.errors import TooLarge
-from .endpoint import GATHER_BYTES, READ_SIZE, Forward, read_ready
+from .endpoint import READ_SIZE, Forward, InputReader
 from .outbound import OutboundQueue
 from ..protocol.close_codes import CLOSE_IDLE, CLOSE_TOO_LARGE, CLOSE_UNSUPPORTED_DATA
 
@@ -74,8 +74,8 @@ class WebSocketSession:
                                                            _close_reason(reason))))
 
 
-class WebSocketReader:
-    """One connection's messages, read a wake-up at a time (endpoint.py's InputReader).
+class WebSocketReader(InputReader):
+    """One connection's messages, read a wake-up at a time (see endpoint.py's InputReader).
 
     A protocol violation (wsproto's, a binary message, a message over the
     limit) gets the answers to the messages before it, then the close code.
@@ -83,15 +83,13 @@ class WebSocketReader:
     frame, and dropped beyond MAX_DRAINED_BYTES (see OutboundQueue).
     """
 
-    __slots__ = ("_session", "_forward", "_outbound", "_trailing", "_max_message_bytes", "_ping_interval",
-                 "_idle_timeout", "_parts", "_size", "_last_input", "_pinged", "_reason", "_violated",
-                 "_gathered", "_gathered_bytes")
+    __slots__ = ("_session", "_trailing", "_max_message_bytes", "_ping_interval", "_idle_timeout", "_parts",
+                 "_size", "_last_input", "_pinged", "_reason", "_violated")
 
     def __init__(self, session: WebSocketSession, forward: Forward, outbound: OutboundQueue, *,
                  trailing_data: bytes, max_message_bytes: int, ping_interval: float, idle_timeout: float):
+        super().__init__(session.sock, forward, outbound)
         self._session = session
-        self._forward = forward
-        self._outbound = outbound
         self._trailing = trailing_data  # what came after the upgrade request: the first read's
         self._max_message_bytes = max_message_bytes
         self._ping_interval = ping_interval
@@ -102,8 +100,6 @@ class WebSocketReader:
         self._pinged = False  # since the last input
         self._reason = "closed by server"
         self._violated = False  # then messages are dropped until the device actor has closed
-        self._gathered: list[str] = []  # whole messages, until flush()
-        self._gathered_bytes = 0
 
     def next_timeout(self) -> float:
         """Until the ping is due (once quiet for ping_interval), or the idle close."""
@@ -131,26 +127,15 @@ class WebSocketReader:
         return None  # else the timer fired a hair early: wait on
 
     def read_available(self) -> str | None | bool:
-        """What is there without waiting (endpoint.read_ready), handled: False if nothing was."""
-        if self._trailing:
+        if self._trailing:  # what came with the upgrade request, first
             data, self._trailing = self._trailing, b""
             ended = self._received(data)
             if ended is not None:
                 return ended
-        data, ended = read_ready(self._session.sock)
-        if data:
-            outcome = self._received(data)
-            if outcome is not None or ended is None:
-                return outcome
-        elif ended is None:
-            return False
-        if isinstance(ended, Exception):
-            return self._reason if self._outbound.closing or self._violated else f"read failed: {ended}"
-        return self._reason if self._outbound.closing or self._violated else "closed by peer without a close frame"
+        return super().read_available()
 
     def read_once(self) -> str | None:
-        """One read, waiting up to next_timeout(), and what it brought, handed on."""
-        sock = self._session.sock
+        sock = self._conn
         if self._trailing:
             data, self._trailing = self._trailing, b""
         else:
@@ -163,27 +148,19 @@ class WebSocketReader:
             except TimeoutError:
                 return self.timed_out()
             except (OSError, ValueError) as error:  # ValueError: ssl, once the socket was shut under us
-                return self._reason if self._outbound.closing or self._violated else f"read failed: {error}"
+                return self._input_ended(error)
             if not data:
-                return (self._reason if self._outbound.closing or self._violated
-                        else "closed by peer without a close frame")
+                return self._input_ended(data)
         ended = self._received(data)
         self.flush()
         return ended
 
-    def flush(self) -> None:
-        """Hand the messages gathered since the last flush to the device actor (may wait for it)."""
-        if self._gathered:
-            self._forward(self._take_gathered())
-
-    def _take_gathered(self) -> tuple:
-        gathered = tuple(self._gathered)
-        self._gathered.clear()
-        self._gathered_bytes = 0
-        return gathered
+    def _input_ended(self, ended: bytes | Exception) -> str:
+        if self._outbound.closing or self._violated:
+            return self._reason
+        return f"read failed: {ended}" if isinstance(ended, Exception) else "closed by peer without a close frame"
 
     def _received(self, data: bytes) -> str | None:
-        """Bytes from the peer, handled: why the input ended, or None while it goes on."""
         outbound, ws = self._outbound, self._session.ws
         if outbound.closing and not outbound.drop_input(len(data)):
             return self._reason
@@ -204,11 +181,8 @@ class WebSocketReader:
                     violation = ProtocolViolation(CLOSE_TOO_LARGE, "message too large", error)
                 elif event.message_finished:
                     parts = self._parts
-                    self._gathered.append(parts[0] if len(parts) == 1 else "".join(parts))
-                    self._gathered_bytes += self._size
+                    self._gather([parts[0] if len(parts) == 1 else "".join(parts)], self._size)
                     self._parts, self._size = [], 0
-                    if self._gathered_bytes >= GATHER_BYTES:
-                        self.flush()
             elif isinstance(event, BytesMessage):
                 if not (self._violated or outbound.closing):
                     violation = ProtocolViolation(CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted")
