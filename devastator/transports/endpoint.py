@@ -15,6 +15,7 @@ admin endpoint's few connections read in a loop of their own.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import socket
@@ -218,7 +219,7 @@ def shut_socket(sock: socket.socket) -> None:
 # -- reading on demand ---------------------------------------------------------------
 
 
-class InputReader:
+class InputReader(abc.ABC):
     """One connection's input, read a wake-up at a time: its state outlives any greenlet.
 
     The base of tls.py's FrameReader (length-prefixed frames) and
@@ -251,30 +252,30 @@ class InputReader:
             return False
         return self._input_ended(ended)
 
+    @abc.abstractmethod
     def read_once(self) -> str | None:
         """One read, waiting up to next_timeout(), and what it brought, handed on: why the input ended, or None."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def next_timeout(self) -> float | None:
         """How long the next wait for input may last (None: as long as it takes)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def timed_out(self) -> str | None:
         """Nothing came within next_timeout(): why the input ended, or None to wait again."""
-        raise NotImplementedError
 
     def flush(self) -> None:
         """Hand what was gathered since the last flush to the device actor (may wait for it)."""
         if self._gathered:
             self._forward(self._take_gathered())
 
+    @abc.abstractmethod
     def _received(self, data: bytes) -> str | None:
         """Bytes from the peer, handled: why the input ended, or None while it goes on."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _input_ended(self, ended: bytes | Exception) -> str | None:
         """Why the input ended: the peer's end (b"") or the read's error."""
-        raise NotImplementedError
 
     def _gather(self, items: list, size: int) -> None:
         self._gathered.extend(items)
@@ -425,7 +426,7 @@ class OnDemandReader:
         self._ended(reason)
 
 
-class OnDemandEndpoint(Endpoint):
+class OnDemandEndpoint(Endpoint, abc.ABC):
     """An endpoint whose connections are read on demand (OnDemandReader), each counted from accept to close.
 
     gevent asks ``full()`` before each accept. A Pool would count greenlets,
@@ -471,9 +472,9 @@ class OnDemandEndpoint(Endpoint):
         self._reading.kill(timeout=1)
         self._writers.kill(timeout=timeout)
 
+    @abc.abstractmethod
     def _accept(self, raw: socket.socket, address) -> bool:
         """Serve a new connection; True once its reading was handed over (see _read_on_demand)."""
-        raise NotImplementedError
 
     def _full(self) -> bool:
         return self._places_taken >= self._max_connections
