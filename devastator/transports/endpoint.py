@@ -347,7 +347,7 @@ class OnDemandReader:
     waits for the next input like any other.
     """
 
-    __slots__ = ("_conn", "_input", "_spawn", "_ended", "_readable", "_deadline", "_reading", "_shut", "_done")
+    __slots__ = ("_conn", "_input", "_spawn", "_ended", "_readable", "_deadline", "_reading", "_done")
 
     def __init__(self, conn, input_reader: InputReader, *, spawn: Callable[..., None],
                  ended: Callable[[str], None]):
@@ -358,7 +358,6 @@ class OnDemandReader:
         self._readable = gevent.get_hub().loop.io(conn.fileno(), 1)
         self._deadline = None  # the timer while waiting
         self._reading = False  # a greenlet runs _run
-        self._shut = False
         self._done = False
 
     def start(self) -> None:
@@ -367,7 +366,6 @@ class OnDemandReader:
 
     def shut(self) -> None:
         """End the socket (OutboundQueue's ``shut``); a reader waiting without a greenlet sees it now."""
-        self._shut = True
         shut_socket(self._conn)
         if not self._reading and not self._done:
             self._stop_waiting()
