@@ -307,14 +307,15 @@ def read_ready(conn, limit: int = READ_SIZE) -> tuple[bytes, bytes | Exception |
     conn.settimeout(0.0)
     try:
         while size < limit:
-            data = conn.recv(limit - size)
+            try:
+                data = conn.recv(limit - size)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                break  # nothing more there
             if not data:
                 ended = data
                 break
             chunks.append(data)
             size += len(data)
-    except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-        pass  # nothing more there
     except (OSError, ValueError) as error:  # ValueError: ssl, once the socket was shut under us
         ended = error
     finally:
